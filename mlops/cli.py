@@ -1,0 +1,243 @@
+"""`mlops`: one command per step of the loop; each prints one JSON object on stdout.
+
+Logs and progress go to stderr. On failure a command prints ``{"error": {"type", "message"}}``
+on stdout, ``mlops: error: <message>`` on stderr, and exits 1 (a runtime failure, worth a retry)
+or 2 (bad usage or configuration, not worth one). ``--result-file`` also writes the JSON to a file
+(the KubernetesPodOperator reads /airflow/xcom/return.json).
+
+This module alone parses flags and prints; every command is a plain function elsewhere that
+takes typed arguments and returns a result object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlops import __version__
+from mlops.errors import InvalidInput, MLOpsError
+from mlops.settings import Settings, load_settings
+
+STATUS_NOT_HEALTHY = 3
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own message names the flag
+        raise InvalidInput(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mlops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"mlops {__version__}")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config file (default: $MLOPS_CONFIG, ./mlops.toml)"
+    )
+    parser.add_argument("--result-file", metavar="FILE", type=Path, help="also write the JSON result here")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    stack = commands.add_parser("stack", help="the embedded stack: MLflow, Airflow, the model server")
+    stack_commands = stack.add_subparsers(dest="stack_command", required=True, parser_class=_Parser)
+    up = stack_commands.add_parser("up", help="start what is not running and wait until all is healthy")
+    up.add_argument(
+        "--ttl-s", type=_positive_float, metavar="SECONDS", help="stop the stack by itself after this long"
+    )
+    up.set_defaults(handler=_stack_up)
+    down = stack_commands.add_parser("down", help="stop every process `up` started")
+    down.add_argument("--after-s", type=_positive_float, metavar="SECONDS", help=argparse.SUPPRESS)
+    down.set_defaults(handler=_stack_down)
+    status = stack_commands.add_parser(
+        "status", help="what runs and whether it answers (exit 3 if not healthy)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(handler=_stack_status)
+    run = stack_commands.add_parser("run", help="run one service in the foreground (what up and compose run)")
+    run.add_argument("service")
+    run.set_defaults(handler=_stack_run)
+    probe = stack_commands.add_parser(
+        "probe", help="health-check a component or service (exit 3 if not healthy)"
+    )
+    probe.add_argument("name", help="a component (mlflow, airflow) or one of its services")
+    probe.set_defaults(handler=_stack_probe)
+    compose = stack_commands.add_parser("compose", help="render docker/compose.yaml from the service table")
+    compose.add_argument("--output", type=Path, metavar="FILE", help="write it here instead of stdout")
+    compose.set_defaults(handler=_stack_compose)
+
+    doctor = commands.add_parser("doctor", help="report the runtime environment: packages, GPU, registry")
+    doctor.add_argument("--require-gpu", action="store_true", help="fail when no CUDA device is usable")
+    registry = doctor.add_mutually_exclusive_group()
+    registry.add_argument(
+        "--mlflow-uri", metavar="URL", help="registry to check (default: the stack's MLflow)"
+    )
+    registry.add_argument("--no-registry", action="store_true", help="do not check the registry")
+    doctor.set_defaults(handler=_doctor)
+
+    demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
+    demo.add_argument(
+        "--ttl-s", type=_positive_float, metavar="SECONDS", help="stop the stack by itself after this long"
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+# --- handlers: parse nothing, call the plain function, return (result, exit code) -------------
+
+
+def _stack_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack import Supervisor, build_components
+
+    status = Supervisor(settings, build_components(settings), _progress).up(ttl_s=args.ttl_s)
+    if status.airflow_login:
+        login = status.airflow_login
+        _progress(f"Airflow UI: {login['url']}  user: {login['user']}  password: {login['password']}")
+    _progress(f"MLflow UI:  {settings.mlflow_url}")
+    return status, 0
+
+
+def _stack_down(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack import Supervisor, build_components
+
+    return Supervisor(settings, build_components(settings), _progress).down(after_s=args.after_s), 0
+
+
+def _stack_status(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack import Supervisor, build_components
+
+    status = Supervisor(settings, build_components(settings), _progress).status()
+    code = 0 if status.healthy else STATUS_NOT_HEALTHY
+    if args.json:
+        return status, code
+    print(_status_table(status))
+    return None, code
+
+
+def _status_table(status: Any) -> str:
+    rows = [("COMPONENT", "SERVICE", "STATE", "HEALTH", "PID", "URL")]
+    for component in status.components.values():
+        if not component.services:
+            rows.append((component.name, "-", "-", component.note, "-", "-"))
+        for service in component.services.values():
+            rows.append(
+                (
+                    component.name,
+                    service.name,
+                    service.state,
+                    service.health,
+                    str(service.pid or "-"),
+                    component.url or "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.append(f"state dir: {status.state_dir}")
+    if status.airflow_login:
+        lines.append(f"Airflow login: {status.airflow_login['user']} / {status.airflow_login['password']}")
+    return "\n".join(lines)
+
+
+def _stack_run(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack import run_service
+
+    run_service(settings, args.service)  # replaces this process
+
+
+def _stack_probe(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack import probe
+    from mlops.stack.services import HEALTHY
+
+    states = probe(settings, args.component)
+    healthy = all(state == HEALTHY for state in states.values())
+    return {
+        "component": args.component,
+        "healthy": healthy,
+        "services": states,
+    }, 0 if healthy else STATUS_NOT_HEALTHY
+
+
+def _stack_compose(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.stack.compose import render_compose
+
+    text = render_compose()
+    if args.output is None:
+        print(text, end="")
+        return None, 0
+    args.output.write_text(text)
+    return {"written": str(args.output)}, 0
+
+
+def _doctor(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.doctor import doctor
+
+    url = None if args.no_registry else (args.mlflow_uri or settings.mlflow_url)
+    return doctor(mlflow_url=url, require_gpu=args.require_gpu), 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from mlops.demo import demo
+
+    result = demo(settings, _progress, ttl_s=args.ttl_s)
+    _progress(
+        f"Airflow UI: {result.airflow_url}  user: {result.airflow_login['user']}  password: {result.airflow_login['password']}"
+    )
+    _progress(f"MLflow UI:  {result.mlflow_url}")
+    _progress(f"check_runtime run: {result.check_runtime['run']} ({result.check_runtime['state']})")
+    _progress(f"done in {result.wall_s} s; stop the stack with: .venv/bin/mlops stack down")
+    return result, 0
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _emit(payload: Any, result_file: Path | None) -> None:
+    text = json.dumps(payload, default=_jsonable, indent=2 if sys.stdout.isatty() else None)
+    print(text, flush=True)
+    if result_file is not None:
+        result_file.parent.mkdir(parents=True, exist_ok=True)
+        result_file.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    result_file: Path | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        result_file = args.result_file
+        handler: Callable[[Settings, argparse.Namespace], tuple[Any, int]] = args.handler
+        result, code = handler(load_settings(args.config), args)
+    except MLOpsError as exc:
+        print(f"mlops: error: {exc}", file=sys.stderr, flush=True)
+        _emit({"error": {"type": type(exc).__name__, "message": str(exc)}}, result_file)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mlops: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        _emit(result, result_file)
+    return code

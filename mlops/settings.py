@@ -1,0 +1,182 @@
+"""Settings for every mlops command: one class, env prefix MLOPS_, nested sections with `__`.
+
+Precedence, highest first: environment variables (``MLOPS_MLFLOW__PORT=5001``), then the config
+file (``--config FILE``, else ``$MLOPS_CONFIG``, else ``./mlops.toml`` when present), then the
+defaults, which run the embedded stack on loopback with its state under ``<project>/.state``.
+Settings are read once, in the CLI's ``main``, and passed down; nothing reads them at import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from mlops.errors import ConfigError
+
+
+def _project_root() -> Path:
+    """The checkout this package runs from (editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+PROJECT_ROOT = _project_root()
+ENV_PREFIX = "MLOPS_"
+DEFAULT_CONFIG_FILE = "mlops.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowSettings(_Section):
+    """The MLflow tracking + registry server."""
+
+    port: int = Field(5000, ge=1, le=65535)
+    url: str | None = Field(None, description="how clients reach it; default http://<host>:<port>")
+    backend_store_uri: str | None = Field(None, description="default sqlite:///<state_dir>/mlflow/mlflow.db")
+    artifacts_destination: str | None = Field(None, description="default <state_dir>/mlflow/artifacts")
+    workers: int = Field(1, ge=1)
+    allowed_hosts: str | None = Field(
+        None, description="Host headers MLflow accepts; default localhost + private IPs"
+    )
+    health_timeout_s: float = Field(120.0, gt=0)
+
+
+class AirflowSettings(_Section):
+    """Airflow 3 (api-server, scheduler, dag-processor, triggerer) from its own environment."""
+
+    port: int = Field(8080, ge=1, le=65535)
+    url: str | None = Field(None, description="how clients reach it; default http://<host>:<port>")
+    venv: Path = Field(PROJECT_ROOT / ".venv-airflow", description="the orchestration environment")
+    dags_folder: Path = PROJECT_ROOT / "dags"
+    plugins_folder: Path = PROJECT_ROOT / "plugins"
+    admin_user: str = "admin"
+    admin_password: str | None = Field(
+        None, description="set it to choose the admin password; default: Airflow generates one"
+    )
+    api_workers: int = Field(1, ge=1)
+    health_timeout_s: float = Field(180.0, gt=0)
+
+
+class ServingSettings(_Section):
+    """The model server slot (filled by the serving layer)."""
+
+    port: int = Field(8090, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything an mlops command may need; each section maps to one component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        toml_file=None,
+    )
+
+    state_dir: Path = Field(PROJECT_ROOT / ".state", description="pids, logs, databases, artifacts")
+    host: str = Field("127.0.0.1", description="address the servers bind to")
+    runtime_venv: Path = Field(
+        Path(sys.prefix), description="the runtime environment Airflow tasks run `mlops` from"
+    )
+    stop_timeout_s: float = Field(20.0, gt=0, description="grace period before SIGKILL on stop")
+    mlflow: MlflowSettings = MlflowSettings()
+    airflow: AirflowSettings = AirflowSettings()
+    serving: ServingSettings = ServingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # Derived values: one place computes them so every command agrees.
+
+    @property
+    def mlflow_url(self) -> str:
+        return self.mlflow.url or f"http://{_client_host(self.host)}:{self.mlflow.port}"
+
+    @property
+    def airflow_url(self) -> str:
+        return self.airflow.url or f"http://{_client_host(self.host)}:{self.airflow.port}"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.state_dir / "airflow"
+
+    @property
+    def runtime_python(self) -> Path:
+        return self.runtime_venv / "bin" / "python"
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+
+
+def env_name(loc: tuple[Any, ...]) -> str:
+    """The environment variable that sets the field at ``loc`` (e.g. MLOPS_MLFLOW__PORT)."""
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def config_file_path(config_file: str | Path | None) -> Path | None:
+    """The config file to read: the flag, else $MLOPS_CONFIG, else ./mlops.toml if present."""
+    if config_file is not None:
+        path, source = Path(config_file), "--config"
+    elif os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        path, source = Path(os.environ[f"{ENV_PREFIX}CONFIG"]), f"{ENV_PREFIX}CONFIG"
+    else:
+        default = Path.cwd() / DEFAULT_CONFIG_FILE
+        return default if default.is_file() else None
+    if not path.is_file():
+        raise ConfigError(f"{source}: config file '{path}' does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{source}: config file '{path}' is not readable")
+    return path
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings once; a bad value raises ConfigError naming the variable and the file."""
+    path = config_file_path(config_file)
+    cls: type[Settings] = Settings
+    if path is not None:
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+    except (OSError, ValueError) as exc:  # an unparsable TOML file
+        raise ConfigError(f"config file '{path}': {exc}") from exc
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        where = env_name(loc)
+        if path is not None:
+            where += (
+                f" (or [{'.'.join(map(str, loc[:-1]))}] {loc[-1]} in {path})"
+                if len(loc) > 1
+                else (f" (or {loc[0]} in {path})")
+            )
+        value = error.get("input")
+        shown = f", got {value!r}" if value is not None and not isinstance(value, dict) else ""
+        problems.append(f"{where}: {error['msg']}{shown}")
+    return "invalid setting: " + "; ".join(problems)

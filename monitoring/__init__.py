@@ -1,0 +1,1 @@
+"""monitoring: the inference log store, data quality, skew/drift/outlier detection and reports."""

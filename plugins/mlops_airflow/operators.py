@@ -1,0 +1,161 @@
+"""The one operator the DAGs use: run an `mlops` command in the runtime environment, return its JSON.
+
+The command is the same wherever it runs; the runtime connection (runtime.py) chooses the launcher:
+a subprocess with the runtime interpreter on this machine, or a pod from the runtime image through
+the KubernetesPodOperator. The command's JSON result becomes the task's XCom return value; a
+failing command fails the task with the command's own error message (exit 2, bad usage or
+configuration, fails it without retries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from mlops_airflow.runtime import DEFAULT_CONN_ID, MlopsRuntimeHook, RuntimeConfig
+
+XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # where the pod's xcom sidecar looks
+EXIT_USAGE = 2
+# The runtime needs none of Airflow's own settings (database, secrets): they stay in Airflow.
+_HIDDEN_ENV_PREFIXES = ("AIRFLOW", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+
+
+class MlopsOperator(BaseOperator):
+    """Run ``mlops <arguments>`` and push its JSON result to XCom.
+
+    :param arguments: the command line after ``mlops`` (templated); arguments that render to an
+        empty string are dropped, so a Jinja conditional can add or leave out a flag.
+    :param mlops_conn_id: the runtime connection (launcher, interpreter or image, env).
+    :param env: extra MLOPS_* settings for this command (templated).
+    """
+
+    template_fields: Sequence[str] = ("arguments", "env")
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self,
+        *,
+        arguments: Sequence[str],
+        mlops_conn_id: str = DEFAULT_CONN_ID,
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.arguments = list(arguments)
+        self.mlops_conn_id = mlops_conn_id
+        self.env = dict(env or {})
+        self._process: subprocess.Popen[str] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [str(arg) for arg in self.arguments if str(arg) != ""]
+
+    def execute(self, context: Any) -> Any:
+        runtime = MlopsRuntimeHook(self.mlops_conn_id).get_runtime()
+        if runtime.launcher == "kubernetes":
+            return self.pod_operator(runtime).execute(context)
+        return self._run_subprocess(runtime)
+
+    # --- on this machine --------------------------------------------------------------------
+
+    def _run_subprocess(self, runtime: RuntimeConfig) -> Any:
+        argv = [str(runtime.python), "-m", "mlops", *self.command]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_HIDDEN_ENV_PREFIXES)}
+        env.update(runtime.env)
+        env.update(self.env)
+        self.log.info("running: %s", " ".join(argv))
+        try:
+            self._process = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                text=True, start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise AirflowFailException(
+                f"cannot start the mlops runtime '{runtime.python}' (connection '{self.mlops_conn_id}'): {exc}"
+            ) from exc
+        process = self._process
+        stderr_tail: list[str] = []
+        reader = threading.Thread(target=self._relay_stderr, args=(process, stderr_tail), daemon=True)
+        reader.start()
+        stdout = process.stdout.read() if process.stdout else ""
+        code = process.wait()
+        reader.join(timeout=10)
+        return self._result(code, stdout, stderr_tail)
+
+    def _relay_stderr(self, process: subprocess.Popen[str], tail: list[str]) -> None:
+        # The command's progress lines show in the task log as they come.
+        assert process.stderr is not None
+        for line in process.stderr:
+            line = line.rstrip("\n")
+            self.log.info("%s", line)
+            tail.append(line)
+            del tail[:-20]
+
+    def _result(self, code: int, stdout: str, stderr_tail: list[str]) -> Any:
+        payload = _parse_json(stdout)
+        name = " ".join(["mlops", *self.command[:2]])
+        if code == 0:
+            if payload is None and stdout.strip():
+                raise AirflowException(f"{name} succeeded but did not print JSON: {stdout.strip()[:300]}")
+            return payload
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            message = payload["error"].get("message", "")
+        else:
+            message = stderr_tail[-1] if stderr_tail else "(no output)"
+        error = AirflowFailException if code == EXIT_USAGE else AirflowException
+        raise error(f"{name} failed (exit {code}): {message}")
+
+    def on_kill(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+
+    # --- in a pod ---------------------------------------------------------------------------
+
+    def pod_operator(self, runtime: RuntimeConfig) -> Any:
+        """The same command as a KubernetesPodOperator on the runtime image."""
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+        from kubernetes.client import models as k8s
+
+        optional: dict[str, Any] = {}
+        if runtime.kubernetes_conn_id:
+            optional["kubernetes_conn_id"] = runtime.kubernetes_conn_id
+        if runtime.gpus:
+            gpus = {"nvidia.com/gpu": str(runtime.gpus)}
+            optional["container_resources"] = k8s.V1ResourceRequirements(limits=gpus, requests=gpus)
+        return KubernetesPodOperator(
+            task_id=self.task_id,
+            name=f"mlops-{self.task_id}".replace("_", "-").lower(),
+            namespace=runtime.namespace,
+            image=runtime.image,
+            image_pull_policy=runtime.image_pull_policy,
+            cmds=["mlops"],
+            arguments=["--result-file", XCOM_RESULT_FILE, *self.command],
+            env_vars={**runtime.env, **self.env},
+            service_account_name=runtime.service_account,
+            labels={"app.kubernetes.io/part-of": "mlops", "mlops/task": self.task_id.replace("_", "-")},
+            do_xcom_push=True,
+            get_logs=True,
+            on_finish_action="delete_pod",
+            **optional,
+        )
+
+
+def _parse_json(stdout: str) -> Any:
+    text = stdout.strip()
+    if not text:
+        return None
+    for candidate in (text, text.splitlines()[-1]):
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            continue
+    return None

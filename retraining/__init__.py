@@ -1,0 +1,1 @@
+"""retraining: dataset assembly, PyTorch training, ONNX export and registration with lineage."""

@@ -1,0 +1,1 @@
+"""serving: the online path of the loop (model runtime, KServe server, canary split, deployment)."""

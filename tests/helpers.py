@@ -1,0 +1,46 @@
+"""Helpers for the runtime-environment tests: run the real `mlops` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("mlops: error:")]
+
+
+def mlops_env(**settings: str) -> dict[str, str]:
+    """The caller's environment without MLOPS_* settings, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
+    env.update(settings)
+    return env
+
+
+def run_mlops(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> Run:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlops", *args],
+        capture_output=True, text=True, timeout=timeout, env=env if env is not None else mlops_env(),
+        cwd=cwd or PROJECT_ROOT,
+    )  # fmt: skip
+    return Run(proc.returncode, proc.stdout, proc.stderr)

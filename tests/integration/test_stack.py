@@ -1,0 +1,149 @@
+"""The embedded stack from nothing: real MLflow and Airflow processes on free loopback ports."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import psutil
+import pytest
+
+from mlops.airflow_client import AirflowClient
+from tests.conftest import free_port
+from tests.helpers import mlops_env, run_mlops
+
+pytestmark = pytest.mark.integration
+
+TTL_S = "900"  # the stack stops by itself even if this test run dies
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack") / "state"
+    env = mlops_env(
+        MLOPS_STATE_DIR=str(state),
+        MLOPS_MLFLOW__PORT=str(free_port()),
+        MLOPS_AIRFLOW__PORT=str(free_port()),
+    )
+    # The README's main job: the stack up from nothing, then a DAG run through Airflow.
+    demo = run_mlops("demo", "--ttl-s", TTL_S, env=env, timeout=600)
+    try:
+        assert demo.code == 0, demo.stderr[-3000:]
+        status = run_mlops("stack", "status", "--json", env=env)
+        assert status.code == 0, status.stderr[-3000:]
+        yield {"env": env, "demo": demo.json, "up": status.json, "state": state}
+    finally:
+        run_mlops("stack", "down", env=env, timeout=120)
+
+
+def tree_pids(pid: int) -> set[int]:
+    try:
+        proc = psutil.Process(pid)
+        return {pid, *(child.pid for child in proc.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def test_the_stack_comes_up_healthy_with_every_process_and_the_airflow_login(stack):
+    up = stack["up"]
+    assert up["healthy"] is True
+    assert up["components"]["mlflow"]["healthy"] is True
+    assert set(up["components"]["airflow"]["services"]) == {
+        "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+    }  # fmt: skip
+    assert all(s["health"] == "healthy" for s in up["components"]["airflow"]["services"].values())
+    assert up["airflow_login"]["user"] == "admin" and up["airflow_login"]["password"]
+    assert stack["demo"]["airflow_login"] == up["airflow_login"]
+    assert up["watchdog"]["pid"] > 0
+    assert up["components"]["serving"]["healthy"] is None
+
+
+def test_mlflow_answers_its_rest_api(stack):
+    url = stack["up"]["components"]["mlflow"]["url"]
+    name = f"stack-test-{time.time_ns()}"
+    created = httpx.post(f"{url}/api/2.0/mlflow/experiments/create", json={"name": name}, timeout=10)
+    assert created.status_code == 200, created.text
+    found = httpx.get(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name}, timeout=10
+    )
+    assert found.json()["experiment"]["experiment_id"] == created.json()["experiment_id"]
+    model = httpx.post(f"{url}/api/2.0/mlflow/registered-models/create", json={"name": name}, timeout=10)
+    assert model.status_code == 200, model.text
+
+
+def test_airflow_api_answers_with_the_printed_login(stack):
+    login = stack["up"]["airflow_login"]
+    health = httpx.get(f"{login['url']}/api/v2/monitor/health", timeout=10).json()
+    assert health["metadatabase"]["status"] == "healthy"
+    assert health["scheduler"]["status"] == "healthy"
+    with AirflowClient(login["url"], login["user"], login["password"]) as airflow:
+        dag = airflow.wait_for_dag("check_runtime", timeout_s=120)
+    assert dag["dag_id"] == "check_runtime"
+
+
+def test_wrong_airflow_password_is_refused(stack):
+    login = stack["up"]["airflow_login"]
+    response = httpx.post(
+        f"{login['url']}/auth/token", json={"username": login["user"], "password": "wrong"}, timeout=10
+    )
+    assert response.status_code in (401, 403)
+
+
+def test_demo_reaches_the_runtime_and_the_registry_through_an_airflow_dag_run(stack):
+    check = stack["demo"]["check_runtime"]
+    assert check["state"] == "success" and check["tasks"] == {"doctor": "success"}
+    # The doctor report came back through XCom, from the runtime environment, via the operator.
+    assert check["result"]["packages"]["kserve"].startswith("0.20.")
+    assert check["result"]["registry"]["url"] == stack["up"]["components"]["mlflow"]["url"]
+    assert check["result"]["registry"]["reachable"] is True
+    login = stack["up"]["airflow_login"]
+    with AirflowClient(login["url"], login["user"], login["password"]) as airflow:
+        remembered = airflow.get_run("check_runtime", check["run"].rsplit("/", 1)[-1])
+    assert remembered.state == "success"  # Airflow itself keeps the run, for the UI
+
+
+def test_status_json_reports_the_running_stack(stack):
+    status = run_mlops("stack", "status", "--json", env=stack["env"])
+    assert status.code == 0, status.stderr
+    body = status.json
+    assert body["healthy"] is True
+    assert (
+        body["components"]["mlflow"]["services"]["mlflow"]["pid"]
+        == (stack["up"]["components"]["mlflow"]["services"]["mlflow"]["pid"])
+    )
+
+
+def test_up_again_is_harmless_and_keeps_the_same_processes(stack):
+    again = run_mlops("stack", "up", env=stack["env"], timeout=120)
+    assert again.code == 0, again.stderr
+    body = again.json
+    assert body["started"] == []
+    assert "mlflow" in body["already_running"] and "airflow-scheduler" in body["already_running"]
+    pids = lambda status: {  # noqa: E731
+        name: s["pid"] for c in status["components"].values() for name, s in c["services"].items()
+    }
+    assert pids(body) == pids(stack["up"])
+
+
+def test_down_leaves_no_process_behind(stack):
+    # Last in this module: it stops the stack the others used.
+    status = run_mlops("stack", "status", "--json", env=stack["env"]).json
+    roots = [s["pid"] for c in status["components"].values() for s in c["services"].values()]
+    roots.append(status["watchdog"]["pid"])
+    everyone = set().union(*(tree_pids(pid) for pid in roots))
+    assert len(everyone) > len(roots)  # workers and children were there to stop
+
+    down = run_mlops("stack", "down", env=stack["env"], timeout=120)
+    assert down.code == 0, down.stderr
+    assert {s["name"] for s in down.json["stopped"]} >= {"mlflow", "airflow-scheduler", "watchdog"}
+
+    survivors = [
+        pid
+        for pid in everyone
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert survivors == []
+    after = run_mlops("stack", "status", "--json", env=stack["env"])
+    assert after.code == 3
+    assert after.json["healthy"] is False
+    assert after.json["components"]["mlflow"]["services"]["mlflow"]["state"] == "stopped"
