@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,17 +79,33 @@ def test_state_dir_under_a_file_cannot_be_created(stack_env, tmp_path):
     assert "(MLOPS_STATE_DIR) is not usable: Not a directory" in run.error_lines[0]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+@contextlib.contextmanager
+def unwritable(folder: Path):
+    """A folder nobody may write to: chmod for a user, the immutable attribute for root."""
+    if os.geteuid() != 0:
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        undo = ["chmod", "700", str(folder)]
+    elif (
+        shutil.which("chattr")
+        and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    ):
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        pytest.skip("cannot make a folder unwritable for root here (no chattr)")
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
 def test_unwritable_state_dir_is_refused(stack_env, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
+    with unwritable(locked):
         run = run_mlops("stack", "up", env=stack_env(MLOPS_STATE_DIR=str(locked)))
-    finally:
-        locked.chmod(stat.S_IRWXU)
     assert run.code == 2
-    assert "(MLOPS_STATE_DIR) is not usable: Permission denied" in run.error_lines[0]
+    assert len(run.error_lines) == 1
+    assert f"state dir '{locked}' (MLOPS_STATE_DIR) is not usable: " in run.error_lines[0]
 
 
 def _fake_venv(root: Path, tool: str, script: str) -> Path:
