@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -70,9 +70,20 @@ class AirflowSettings(_Section):
 
 
 class ServingSettings(_Section):
-    """The model server slot (filled by the serving layer)."""
+    """The model server: KServe V1/V2 on ONNX Runtime, canary split, batching, admin API."""
 
     port: int = Field(8090, ge=1, le=65535)
+    url: str | None = Field(None, description="how clients reach it; default http://<host>:<port>")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="bearer token of the admin API; default: generated into <state_dir>/serving/admin-token",
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413 unread")
+    max_request_rows: int = Field(1024, ge=1, description="rows one request may carry")
+    batch_max_rows: int = Field(256, ge=1, description="rows one compute batch may hold")
+    batch_max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more rows (0: never)")
+    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per version")
+    health_timeout_s: float = Field(90.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -116,6 +127,14 @@ class Settings(BaseSettings):
     @property
     def airflow_url(self) -> str:
         return self.airflow.url or f"http://{_client_host(self.host)}:{self.airflow.port}"
+
+    @property
+    def serving_url(self) -> str:
+        return self.serving.url or f"http://{_client_host(self.host)}:{self.serving.port}"
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.state_dir / "serving"
 
     @property
     def airflow_home(self) -> Path:

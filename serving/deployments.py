@@ -1,0 +1,262 @@
+"""Which versions are loaded, per model: load, split, promote, roll back, and remember it.
+
+Loading a version (fetch, read, open the runtime, smoke-test) runs in a worker thread, off the
+request path; only a fully loaded version is put into a model's routing, in one assignment.
+A replaced version keeps serving the requests that already hold it, and its batcher closes once
+it is idle. The state (which version is stable, which canary, the split) is written to
+``<state_dir>/serving/deployments.json`` after each change, and restored when the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import kserve
+
+from mlops.errors import InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from mlops.settings import Settings
+from serving import metrics
+from serving.batching import Batcher
+from serving.bundle import read_bundle
+from serving.model import VersionModel
+from serving.router import Mode, Role, Routing
+from serving.sources import fetch
+
+log = logging.getLogger(__name__)
+_RETIRE_CHECK_S = 5.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A version ready to answer: the model, its batcher, where it came from."""
+
+    model: VersionModel
+    batcher: Batcher
+    uri: str
+    loaded_at: float
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def describe(self) -> dict[str, Any]:
+        bundle = self.model.bundle
+        return {
+            "version": self.version,
+            "uri": self.uri,
+            "provider": self.model.provider,
+            "flavor": bundle.flavor,
+            "sha256": bundle.sha256,
+            "signature": self.model.request_signature.source if self.model.request_signature else None,
+            "transformer": bundle.transformer is not None,
+            "loaded_at": self.loaded_at,
+        }
+
+
+class RoutedModel(kserve.Model):
+    """What kserve's own endpoints see for a model name: readiness, metadata, and (for requests the
+    fast path leaves to kserve, such as binary V2 tensors) the stable version's handlers."""
+
+    def __init__(self, name: str, deployments: Deployments) -> None:
+        super().__init__(name)
+        self._deployments = deployments
+        self.ready = True
+
+    def _stable(self) -> VersionModel:
+        routing = self._deployments.routing(self.name)
+        version, _, _ = routing.pick(None, 0.99)
+        return version.model
+
+    async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
+        model = self._stable()
+        return await model(body, headers) if verb is None else await model(body, headers, verb)
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return self._stable().get_input_types()
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return self._stable().get_output_types()
+
+
+class Deployments:
+    def __init__(
+        self, settings: Settings, repository: kserve.model_repository.ModelRepository | None = None
+    ) -> None:
+        self.settings = settings
+        self.state_file = settings.serving_dir / "deployments.json"
+        self.cache_dir = settings.serving_dir / "models"
+        self._routing: dict[str, Routing[Loaded]] = {}
+        self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
+        self._repository = repository
+
+    # --- the request path: one dict lookup --------------------------------------------------
+
+    def routing(self, name: str) -> Routing[Loaded]:
+        routing = self._routing.get(name)
+        if routing is None:
+            raise ModelNotFound(
+                f"model '{name}' is not deployed here; deployed: {sorted(self._routing) or 'none'}"
+            )
+        return routing
+
+    # --- admin changes ------------------------------------------------------------------------
+
+    async def load(self, name: str, version: str, uri: str, role: Role) -> dict[str, Any]:
+        if role not in ("stable", "canary"):
+            raise InvalidInput(f"role must be stable or canary, got {role!r}")
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            None, self._load_blocking, name, str(version), uri
+        )
+        async with self._lock:
+            current = self._routing.get(name, Routing())
+            replaced = current.stable if (role == "stable" or current.stable is None) else current.canary
+            self._set(name, current.with_version(loaded, role))
+        if replaced is not None and replaced is not loaded:
+            self._retire(replaced)
+        log.info(
+            "model %s: version %s loaded as %s from %s (%s)", name, version, role, uri, loaded.model.provider
+        )
+        return self.status(name)
+
+    async def set_traffic(self, name: str, canary_percent: float, mode: Mode) -> dict[str, Any]:
+        async with self._lock:
+            routing = self.routing(name)
+            if routing.canary is None and (canary_percent > 0 or mode == "shadow"):
+                raise InvalidInput(f"model '{name}' has no canary to send traffic to; load one first")
+            self._set(name, routing.with_traffic(canary_percent, mode))
+        return self.status(name)
+
+    async def promote(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            routing = self.routing(name)
+            try:
+                self._set(name, routing.promoted())
+            except InvalidInput as exc:
+                raise InvalidInput(f"model '{name}': {exc}") from None
+        if routing.stable is not None:
+            self._retire(routing.stable)
+        return self.status(name)
+
+    async def rollback(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            routing = self.routing(name)
+            try:
+                self._set(name, routing.rolled_back())
+            except InvalidInput as exc:
+                raise InvalidInput(f"model '{name}': {exc}") from None
+        assert routing.canary is not None
+        self._retire(routing.canary)
+        return self.status(name)
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        async with self._lock:
+            routing = self.routing(name)
+            del self._routing[name]
+            if self._repository is not None:
+                self._repository.unload(name)
+            self._save()
+        for loaded in (routing.stable, routing.canary):
+            if loaded is not None:
+                self._retire(loaded)
+        return {"model": name, "unloaded": True}
+
+    # --- status and persistence -------------------------------------------------------------
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        if name is not None:
+            routing = self.routing(name)
+            return {
+                "model": name,
+                "stable": routing.stable.describe() if routing.stable else None,
+                "canary": routing.canary.describe() if routing.canary else None,
+                "canary_percent": routing.canary_percent,
+                "mode": routing.mode,
+            }
+        return {"models": [self.status(n) for n in sorted(self._routing)]}
+
+    async def restore(self) -> None:
+        """Load what the state file says was deployed (called once, at start)."""
+        if not self.state_file.exists():
+            return
+        try:
+            saved = json.loads(self.state_file.read_text())
+        except ValueError:
+            log.error("ignoring unreadable %s", self.state_file)
+            return
+        for name, entry in saved.get("models", {}).items():
+            try:
+                for role in ("stable", "canary"):
+                    if entry.get(role):
+                        await self.load(name, entry[role]["version"], entry[role]["uri"], role)
+                if entry.get("canary"):
+                    await self.set_traffic(name, entry.get("canary_percent", 0.0), entry.get("mode", "split"))
+            except Exception:  # one broken model must not keep the others from serving
+                log.exception("could not restore model %s", name)
+
+    def _set(self, name: str, routing: Routing[Loaded]) -> None:
+        previous = self._routing.get(name)
+        self._routing[name] = routing
+        if self._repository is not None and previous is None:
+            self._repository.update(RoutedModel(name, self), name)
+        for role in ("stable", "canary"):
+            old = getattr(previous, role, None) if previous else None
+            new = getattr(routing, role)
+            if old is not None and old is not new:
+                metrics.LOADED.labels(name, old.version, role).set(0)
+            if new is not None:
+                metrics.LOADED.labels(name, new.version, role).set(1)
+        self._save()
+
+    def _save(self) -> None:
+        models = {}
+        for name, routing in self._routing.items():
+            models[name] = {
+                role: {"version": loaded.version, "uri": loaded.uri}
+                for role, loaded in (("stable", routing.stable), ("canary", routing.canary))
+                if loaded is not None
+            } | {"canary_percent": routing.canary_percent, "mode": routing.mode}
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"models": models}, indent=2))
+        os.replace(tmp, self.state_file)
+
+    # --- loading and retiring ---------------------------------------------------------------
+
+    def _load_blocking(self, name: str, version: str, uri: str) -> Loaded:
+        serving = self.settings.serving
+        path = fetch(uri, self.cache_dir, self.settings.mlflow_url)
+        model = VersionModel(name, version, read_bundle(path), serving.max_request_rows, serving.threads)
+        try:
+            model.load()
+        except MLOpsError:
+            raise
+        except Exception as exc:
+            raise ModelNotReady(
+                f"model '{name}' version {version} from '{uri}' failed to load: {exc}"
+            ) from exc
+        batcher = Batcher(
+            model.compute,
+            max_rows=serving.batch_max_rows,
+            max_wait_ms=serving.batch_max_wait_ms,
+            name=f"{name}-{version}",
+            on_batch=metrics.batch_rows(name, version).observe,
+        )
+        return Loaded(model, batcher, uri, time.time())
+
+    def _retire(self, loaded: Loaded) -> None:
+        """Close a replaced version's batcher once no request is waiting on it."""
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if not loaded.batcher.idle:
+                loop.call_later(_RETIRE_CHECK_S, check)
+            else:
+                loaded.batcher.close()
+
+        loop.call_later(_RETIRE_CHECK_S, check)

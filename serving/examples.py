@@ -1,0 +1,99 @@
+"""Example model versions for demos, benchmarks and tests: MLPs built directly as ONNX graphs.
+
+``save_mlp`` writes a real MLflow model directory (MLmodel with signature, model.onnx, and
+optionally a transformer spec), the same layout a registered version has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def mlp_onnx(features: int, hidden: int, classes: int, seed: int = 0, layers: int = 1) -> Any:
+    """An ONNX MLP: ``input`` [batch, features] float32 -> ``probabilities`` [batch, classes]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    width, current = features, "input"
+    for layer in range(layers):
+        w = rng.normal(0, 1 / np.sqrt(width), (width, hidden)).astype(np.float32)
+        b = rng.normal(0, 0.1, hidden).astype(np.float32)
+        initializers += [numpy_helper.from_array(w, f"w{layer}"), numpy_helper.from_array(b, f"b{layer}")]
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{layer}"], [f"mm{layer}"]),
+            helper.make_node("Add", [f"mm{layer}", f"b{layer}"], [f"z{layer}"]),
+            helper.make_node("Relu", [f"z{layer}"], [f"h{layer}"]),
+        ]
+        width, current = hidden, f"h{layer}"
+    w_out = rng.normal(0, 1 / np.sqrt(width), (width, classes)).astype(np.float32)
+    initializers.append(numpy_helper.from_array(w_out, "w_out"))
+    nodes += [
+        helper.make_node("MatMul", [current, "w_out"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def save_mlp(
+    path: Path,
+    features: int = 16,
+    hidden: int = 32,
+    classes: int = 2,
+    seed: int = 0,
+    layers: int = 1,
+    transformer: dict[str, Any] | None = None,
+) -> Path:
+    """An MLflow model directory holding an MLP (and a transformer spec when given)."""
+    import mlflow.onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from serving.transformer import METADATA_KEY
+
+    if transformer is not None:
+        inputs = Schema(
+            [
+                ColSpec("double" if f["type"] == "numeric" else "string", f["name"])
+                for f in transformer["features"]
+            ]
+        )
+        features = sum(
+            len(f["categories"]) if f["type"] == "categorical" else 1 for f in transformer["features"]
+        )
+    else:
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, features), "input")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "probabilities")])
+    mlflow.onnx.save_model(
+        mlp_onnx(features, hidden, classes, seed, layers),
+        str(path),
+        signature=ModelSignature(inputs, outputs),
+        metadata={METADATA_KEY: transformer} if transformer else None,
+    )
+    return Path(path)
+
+
+def fraud_transformer() -> dict[str, Any]:
+    """A transformer spec over named raw features: two numeric, one categorical, two labels."""
+    return {
+        "version": 1,
+        "input": "input",
+        "features": [
+            {"name": "amount", "type": "numeric", "mean": 50.0, "scale": 25.0},
+            {"name": "age_days", "type": "numeric", "mean": 400.0, "scale": 300.0},
+            {"name": "country", "type": "categorical", "categories": ["DE", "FR", "US"]},
+        ],
+        "output": {"name": "probabilities", "labels": ["legit", "fraud"]},
+    }

@@ -1,0 +1,283 @@
+"""The model server's HTTP front: the inference fast path, the admin API, then kserve's app.
+
+A raw ASGI app in front of kserve's FastAPI application. It answers, itself and without pydantic:
+
+- ``POST /v1/models/{name}:predict`` and ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON):
+  body size checked before it is read, parsed with orjson, validated against the chosen version's
+  signature, split between stable and canary, batched, answered with the version in the body and
+  in ``x-model-version`` / ``x-model-role`` headers;
+- ``/admin/v1/...``: load, traffic, promote, rollback, unload, status, behind a bearer token.
+
+Everything else (health, readiness, model metadata, ``/metrics``, binary-tensor V2 requests) goes
+to kserve's own application, which sees each model through ``deployments.RoutedModel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from serving import metrics
+from serving.auth import token_matches
+from serving.deployments import Deployments, Loaded
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class PayloadTooLarge(InvalidInput):
+    pass
+
+
+class Unauthorized(MLOpsError):
+    pass
+
+
+class AdminDisabled(MLOpsError):
+    pass
+
+
+# The one table from errors to HTTP status codes.
+HTTP_STATUS: list[tuple[type[Exception], int]] = [
+    (PayloadTooLarge, 413),
+    (InvalidInput, 400),
+    (Unauthorized, 401),
+    (ModelNotFound, 404),
+    (ModelNotReady, 503),
+    (BackendUnavailable, 503),
+    (AdminDisabled, 503),
+    (MLOpsError, 500),
+]
+
+
+def status_for(exc: Exception) -> int:
+    return next((code for kind, code in HTTP_STATUS if isinstance(exc, kind)), 500)
+
+
+_V1_PREDICT = re.compile(r"^/v1/models/([^/:]+):predict$")
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback))?$")
+_JSON = [(b"content-type", b"application/json")]
+
+
+class Front:
+    def __init__(
+        self,
+        fallback: ASGIApp,
+        deployments: Deployments,
+        admin_token: str | None,
+        max_body_bytes: int,
+    ) -> None:
+        self.fallback = fallback
+        self.deployments = deployments
+        self.admin_token = admin_token
+        self.max_body_bytes = max_body_bytes
+        self._random = random.Random()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if method == "POST" and (match := _V1_PREDICT.match(path)):
+                return await self._infer(scope, receive, send, match.group(1), None, "v1")
+            if method == "POST" and (match := _V2_INFER.match(path)) and not _binary(scope):
+                return await self._infer(scope, receive, send, match.group(1), match.group(2), "v2")
+            if path.startswith("/admin/"):
+                return await self._admin(scope, receive, send)
+        await self.fallback(scope, receive, send)
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, name: str, pinned: str | None, protocol: str
+    ) -> None:
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = _text(headers.get(b"x-request-id")) or uuid.uuid4().hex
+        answered: Loaded | None = None
+        role = "stable"
+        try:
+            routing = self.deployments.routing(name)
+            shadow = None
+            if pinned is not None:
+                answered = next(
+                    (v for v in (routing.stable, routing.canary) if v and v.version == pinned), None
+                )
+                if answered is None:
+                    raise ModelNotFound(f"model '{name}' has no loaded version {pinned}")
+                role = "stable" if answered is routing.stable else "canary"
+            else:
+                sticky = _text(headers.get(b"x-user-key")) or _text(headers.get(b"x-request-id"))
+                answered, role, shadow = routing.pick(sticky, self._random.random())
+            body = _parse(await self._read_body(scope, receive, headers))
+            model = answered.model
+            decoder = model.decoder
+            if decoder is None:
+                raise ModelNotReady(f"model '{name}' version {model.version} is not loaded")
+            inputs = decoder.v2(body) if protocol == "v2" else decoder.v1(body)
+            outputs = await answered.batcher.submit(inputs)
+            if protocol == "v2":
+                payload = model.v2_body(outputs, body.get("id") or request_id)
+            else:
+                payload = {"predictions": model.v1_predictions(outputs), "model_version": model.version}
+            if shadow is not None:
+                self._mirror(shadow, inputs)
+            response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        except Exception as exc:
+            code = status_for(exc)
+            if code == 500:
+                log.exception("model %s: %s request failed", name, protocol)
+            metrics.ERRORS.labels(name, str(code)).inc()
+            version = answered.version if answered else ""
+            if answered is not None:
+                metrics.requests(name, version, role, protocol, str(code)).inc()
+            await _respond(
+                send, code, {"error": _message(exc, code)}, request_id, version, role if answered else ""
+            )
+            return
+        metrics.requests(name, answered.version, role, protocol, "200").inc()
+        metrics.latency(name, answered.version, role).observe(time.perf_counter() - started)
+        await _send(send, 200, response, request_id, answered.version, role)
+
+    def _mirror(self, shadow: Loaded, inputs: dict[str, Any]) -> None:
+        """Shadow mode: the canary computes the same inputs; its answer is not returned."""
+
+        async def run() -> None:
+            try:
+                await shadow.batcher.submit(inputs)
+            except Exception:
+                metrics.SHADOW_FAILURES.labels(shadow.model.name, shadow.version).inc()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _read_body(self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(
+                f"request body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}"
+            )
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("client disconnected before the body was read")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # --- admin API ----------------------------------------------------------------------------
+
+    async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        try:
+            if self.admin_token is None:
+                raise AdminDisabled("the admin API is disabled: no admin token is configured")
+            if not token_matches(self.admin_token, _text(headers.get(b"authorization"))):
+                raise Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
+            match = _ADMIN.match(scope["path"])
+            if match is None:
+                raise ModelNotFound(f"no admin route {scope['method']} {scope['path']}")
+            name, action = match.group(1), match.group(2)
+            body = await self._read_body(scope, receive, headers)
+            result = await self._admin_action(scope["method"], name, action, _parse(body) if body else {})
+        except Exception as exc:
+            code = status_for(exc)
+            if code == 500:
+                log.exception("admin %s %s failed", scope["method"], scope["path"])
+            await _respond(send, code, {"error": _message(exc, code)}, "", "", "")
+            return
+        await _respond(send, 200, result, "", "", "")
+
+    async def _admin_action(self, method: str, name: str | None, action: str | None, body: Any) -> Any:
+        deployments = self.deployments
+        if not isinstance(body, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        if name is None:
+            if method == "GET":
+                return deployments.status()
+        elif action is None and method == "GET":
+            return deployments.status(name)
+        elif action is None and method == "DELETE":
+            return await deployments.unload(name)
+        elif action == "versions" and method == "POST":
+            return await deployments.load(
+                name,
+                _field(body, "version", (str, int)),
+                _field(body, "uri", str),
+                body.get("role", "canary"),
+            )
+        elif action == "traffic" and method == "PUT":
+            percent = _field(body, "canary_percent", (int, float))
+            return await deployments.set_traffic(name, float(percent), body.get("mode", "split"))
+        elif action == "promote" and method == "POST":
+            return await deployments.promote(name)
+        elif action == "rollback" and method == "POST":
+            return await deployments.rollback(name)
+        raise ModelNotFound(f"no admin route {method} for {'/'.join(p for p in (name, action) if p)}")
+
+
+def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+        raise InvalidInput(f"field '{name}' is required and must be {expected}, got {value!r}")
+    return value
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+
+
+def _binary(scope: Scope) -> bool:
+    """V2's binary tensor extension: left to kserve's own parser."""
+    return any(key == b"inference-header-content-length" for key, _ in scope["headers"])
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value else None
+
+
+def _message(exc: Exception, code: int) -> str:
+    return (
+        str(exc) if code != 500 or isinstance(exc, MLOpsError) else f"internal error ({type(exc).__name__})"
+    )
+
+
+async def _respond(send: Send, code: int, payload: Any, request_id: str, version: str, role: str) -> None:
+    await _send(
+        send, code, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), request_id, version, role
+    )
+
+
+async def _send(send: Send, code: int, body: bytes, request_id: str, version: str, role: str) -> None:
+    headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    if version:
+        headers.append((b"x-model-version", version.encode()))
+        headers.append((b"x-model-role", role.encode()))
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

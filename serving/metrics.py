@@ -1,0 +1,47 @@
+"""Prometheus metrics of the model server, served at /metrics (kserve's registry).
+
+Labelled children are cached per (model, version, role): a label lookup per request costs more
+than the counter increment itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "mlops_requests_total", "Inference requests answered", ["model", "version", "role", "protocol", "code"]
+)
+LATENCY = Histogram(
+    "mlops_request_latency_seconds",
+    "Inference latency from body read to response, by the version that answered",
+    ["model", "version", "role"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+ERRORS = Counter("mlops_request_errors_total", "Requests refused or failed", ["model", "code"])
+BATCH_ROWS = Histogram(
+    "mlops_batch_rows",
+    "Rows per compute batch",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+SHADOW_FAILURES = Counter(
+    "mlops_shadow_failures_total", "Mirrored requests the shadow version failed", ["model", "version"]
+)
+LOADED = Gauge("mlops_model_loaded", "1 for each loaded version, by role", ["model", "version", "role"])
+
+
+@functools.lru_cache(maxsize=4096)
+def requests(model: str, version: str, role: str, protocol: str, code: str) -> Counter:
+    return REQUESTS.labels(model, version, role, protocol, code)
+
+
+@functools.lru_cache(maxsize=1024)
+def latency(model: str, version: str, role: str) -> Histogram:
+    return LATENCY.labels(model, version, role)
+
+
+@functools.lru_cache(maxsize=1024)
+def batch_rows(model: str, version: str) -> Histogram:
+    return BATCH_ROWS.labels(model, version)

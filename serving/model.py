@@ -1,0 +1,184 @@
+"""One model version as a ``kserve.Model``: load, preprocess, predict, postprocess, explain.
+
+The same class serves in two places: in this project's model server (whose fast path calls
+``decoder`` and ``compute`` directly, with batching and the canary split around them), and as
+the predictor of a KServe InferenceService on Kubernetes, where kserve's own server calls the
+standard handlers below.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kserve
+import numpy as np
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from mlops.errors import ModelNotReady
+from serving.bundle import Bundle
+from serving.runtime import OnnxRuntime, Runtime, TorchScriptRuntime
+from serving.signature import RequestDecoder, Signature, v2_outputs
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Validated inputs and how the request came (for the response's shape)."""
+
+    inputs: dict[str, np.ndarray]
+    protocol: str  # v1 | v2
+    request_id: str
+
+
+class VersionModel(kserve.Model):
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        bundle: Bundle,
+        max_batch_rows: int = 1024,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.version = str(version)
+        self.bundle = bundle
+        self.max_batch_rows = max_batch_rows
+        self._threads = threads
+        self._providers = providers
+        self.runtime: Runtime | None = None
+        self.model_signature: Signature | None = None
+        self.request_signature: Signature | None = None
+        self.decoder: RequestDecoder | None = None
+        self.unknown_categories = 0  # raw categories the transformer had never seen
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        bundle = self.bundle
+        if bundle.flavor == "onnx":
+            self.runtime = OnnxRuntime(bundle.model_file, self._providers, self._threads)
+        else:
+            if bundle.signature is None:
+                raise ModelNotReady(
+                    f"model '{self.name}' version {self.version}: a TorchScript model needs an MLflow signature"
+                )
+            self.runtime = TorchScriptRuntime(
+                bundle.model_file,
+                [s.name for s in bundle.signature.inputs],
+                [s.name for s in bundle.signature.outputs],
+            )
+        signature = bundle.signature or self.runtime.declared
+        assert signature is not None
+        self.model_signature = signature
+        self.request_signature = (
+            bundle.transformer.request_signature(signature) if bundle.transformer else signature
+        )
+        self.decoder = RequestDecoder(self.name, self.version, self.request_signature, self.max_batch_rows)
+        self._smoke_test()
+        self.ready = True
+        return True
+
+    def _smoke_test(self) -> None:
+        """One row of zeros (or empty strings) through the whole path: a broken model fails at load."""
+        assert self.request_signature is not None
+        row = {}
+        for spec in self.request_signature.inputs:
+            shape = tuple(1 if d < 0 else d for d in spec.shape)
+            row[spec.name] = (
+                np.full(shape, "", dtype=object) if spec.datatype == "BYTES" else np.zeros(shape, spec.dtype)
+            )
+        try:
+            self.compute(row)
+        except Exception as exc:
+            raise ModelNotReady(
+                f"model '{self.name}' version {self.version} fails on a smoke input: {exc}"
+            ) from exc
+        self.unknown_categories = 0  # the smoke row's empty categories are not traffic
+
+    @property
+    def provider(self) -> str:
+        return self.runtime.provider if self.runtime is not None else "not loaded"
+
+    # --- the protocol-free core (the fast path calls these) -------------------------------------
+
+    def compute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validated inputs (raw features when the version has a transformer) -> named outputs."""
+        runtime = self.runtime
+        if runtime is None:
+            raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
+        transformer = self.bundle.transformer
+        if transformer is None:
+            return runtime.run(inputs)
+        feeds, unknown = transformer.encode(inputs)
+        self.unknown_categories += unknown
+        return transformer.decode(runtime.run(feeds))
+
+    def v1_predictions(self, outputs: Mapping[str, np.ndarray]) -> list[Any]:
+        if self.bundle.transformer is not None:
+            return self.bundle.transformer.v1_predictions(outputs)
+        if len(outputs) == 1:
+            return next(iter(outputs.values())).tolist()
+        rows = len(next(iter(outputs.values())))
+        return [{name: value[i].tolist() for name, value in outputs.items()} for i in range(rows)]
+
+    def v2_body(self, outputs: Mapping[str, np.ndarray], request_id: str) -> dict[str, Any]:
+        assert self.request_signature is not None
+        return {
+            "model_name": self.name,
+            "model_version": self.version,
+            "id": request_id,
+            "outputs": v2_outputs(outputs, self.request_signature),
+        }
+
+    # --- kserve's handlers (used when kserve's own server runs this model) ----------------------
+
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Decoded:
+        decoder = self._decoder()
+        request_id = (headers or {}).get("x-request-id") or uuid.uuid4().hex
+        if isinstance(payload, InferRequest):
+            body = {
+                "inputs": [
+                    {
+                        "name": tensor.name,
+                        "datatype": tensor.datatype,
+                        "shape": list(tensor.shape),
+                        "data": tensor.data if tensor.data is not None else tensor.as_numpy(),
+                    }
+                    for tensor in payload.inputs
+                ]
+            }
+            return Decoded(decoder.v2(body), "v2", payload.id or request_id)
+        return Decoded(decoder.v1(payload), "v1", request_id)
+
+    def predict(
+        self, payload: Decoded, headers: dict[str, str] | None = None
+    ) -> tuple[Decoded, dict[str, np.ndarray]]:
+        return payload, self.compute(payload.inputs)
+
+    async def postprocess(self, result: Any, headers: dict[str, str] | None = None) -> Any:
+        decoded, outputs = result
+        if decoded.protocol == "v1":
+            return {"predictions": self.v1_predictions(outputs)}
+        body = self.v2_body(outputs, decoded.request_id)
+        return InferResponse(
+            response_id=body["id"],
+            model_name=self.name,
+            model_version=self.version,
+            infer_outputs=[
+                InferOutput(o["name"], o["shape"], o["datatype"], o["data"]) for o in body["outputs"]
+            ],
+        )
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [spec.to_dict() for spec in (self.request_signature.inputs if self.request_signature else ())]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [spec.to_dict() for spec in (self.request_signature.outputs if self.request_signature else ())]
+
+    def _decoder(self) -> RequestDecoder:
+        if self.decoder is None:
+            raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
+        return self.decoder

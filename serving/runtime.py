@@ -1,0 +1,97 @@
+"""How one model version computes: ONNX Runtime (GPU providers first, CPU last) or TorchScript.
+
+A runtime takes named numpy arrays and returns named numpy arrays; it knows nothing of HTTP,
+versions or traffic. ``run`` is synchronous and may be called from a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mlops.errors import ModelNotReady
+from serving.providers import CPU_PROVIDER, usable_providers
+from serving.signature import Signature, from_onnx
+
+log = logging.getLogger(__name__)
+
+
+class Runtime(Protocol):
+    """A loaded model file, ready to compute."""
+
+    #: what computes: an ONNX Runtime provider name, or ``torch:cuda`` / ``torch:cpu``
+    provider: str
+    #: what the model file itself declares (ONNX graphs do; TorchScript does not: None)
+    declared: Signature | None
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compute one batch; every input has the same number of rows, every output too."""
+        ...
+
+
+class OnnxRuntime:
+    def __init__(
+        self, path: Path, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        wanted = list(providers or usable_providers())
+        try:
+            # enable_fallback=0: onnxruntime would print() its fallback notice; we log ours.
+            self._session = ort.InferenceSession(str(path), options, providers=wanted, enable_fallback=0)
+        except Exception as exc:
+            if wanted == [CPU_PROVIDER]:
+                raise ModelNotReady(f"ONNX Runtime cannot load '{path}': {exc}") from exc
+            log.warning("%s: %s failed (%s); falling back to the CPU provider", path, wanted, exc)
+            self._session = ort.InferenceSession(
+                str(path), options, providers=[CPU_PROVIDER], enable_fallback=0
+            )
+        self.provider = self._session.get_providers()[0]
+        self.declared = from_onnx(self._session.get_inputs(), self._session.get_outputs())
+        self._output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self._session.run(self._output_names, dict(inputs))
+        return dict(zip(self._output_names, results, strict=True))
+
+
+class TorchScriptRuntime:
+    """A TorchScript module; outputs are named from the signature (a tensor, tuple or dict)."""
+
+    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+        import torch
+
+        self._torch = torch
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self._module = torch.jit.load(str(path), map_location=self._device).eval()
+        except RuntimeError as exc:
+            raise ModelNotReady(
+                f"'{path}' is not a TorchScript module ({exc.__class__.__name__}); log a scripted or traced model"
+            ) from exc
+        self.provider = f"torch:{self._device}"
+        self.declared = None
+        self._inputs = list(input_names)
+        self._outputs = list(output_names) or ["output"]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            tensors = [
+                torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self._device) for name in self._inputs
+            ]
+            result = self._module(*tensors)
+        if isinstance(result, Mapping):
+            return {name: value.detach().cpu().numpy() for name, value in result.items()}
+        if isinstance(result, tuple | list):
+            return {
+                name: value.detach().cpu().numpy() for name, value in zip(self._outputs, result, strict=False)
+            }
+        return {self._outputs[0]: result.detach().cpu().numpy()}

@@ -1,0 +1,105 @@
+"""Where a model version's files come from: a local folder, the MLflow registry, or S3.
+
+``fetch`` turns a URI into a local MLflow model directory, downloading it once into the cache:
+
+- ``/path/to/model`` or ``file:///path``: used in place;
+- ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/...``, ``mlflow-artifacts:/...``:
+  downloaded through the MLflow tracking server (which serves the artifacts, local or S3);
+- ``s3://bucket/prefix``: downloaded with boto3 (``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``
+  for an S3-compatible store; credentials from the environment, as boto3 reads them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlops.errors import BackendUnavailable, InvalidInput, ModelNotFound
+
+_MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
+_DONE = ".complete"
+
+
+def fetch(uri: str, cache_dir: Path, tracking_uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri)
+        if not path.is_dir():
+            raise ModelNotFound(f"model folder '{path}' does not exist")
+        return path
+    if parsed.scheme not in (*_MLFLOW_SCHEMES, "s3"):
+        raise InvalidInput(
+            f"model uri '{uri}': scheme '{parsed.scheme}' is not one of file, {', '.join(_MLFLOW_SCHEMES)}, s3"
+        )
+    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if (target / _DONE).exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    staging = target.with_suffix(".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if parsed.scheme == "s3":
+        _from_s3(parsed.netloc, parsed.path.lstrip("/"), staging, uri)
+    else:
+        _from_mlflow(uri, staging, tracking_uri)
+    root = _model_root(staging, uri)
+    root.rename(target) if root == staging else shutil.move(str(root), str(target))
+    shutil.rmtree(staging, ignore_errors=True)
+    (target / _DONE).write_text(uri + "\n")
+    return target
+
+
+def _from_mlflow(uri: str, staging: Path, tracking_uri: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(staging), tracking_uri=tracking_uri
+        )
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise ModelNotFound(
+                f"model uri '{uri}' is not in the registry at {tracking_uri}: {exc.message}"
+            ) from exc
+        raise BackendUnavailable(f"MLflow at {tracking_uri} could not serve '{uri}': {exc.message}") from exc
+    except OSError as exc:
+        raise BackendUnavailable(f"MLflow at {tracking_uri} is unreachable for '{uri}': {exc}") from exc
+
+
+def _from_s3(bucket: str, prefix: str, staging: Path, uri: str) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        found = 0
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(prefix) :].lstrip("/")
+                if not relative or relative.endswith("/"):
+                    continue
+                destination = staging / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, item["Key"], str(destination))
+                found += 1
+    except ClientError as exc:
+        raise ModelNotFound(f"model uri '{uri}': {exc}") from exc
+    except BotoCoreError as exc:
+        raise BackendUnavailable(f"S3 ({endpoint or 'AWS'}) is unreachable for '{uri}': {exc}") from exc
+    if not found:
+        raise ModelNotFound(f"model uri '{uri}': no objects under that prefix")
+
+
+def _model_root(staging: Path, uri: str) -> Path:
+    """The folder holding MLmodel: the download itself, or its one subfolder."""
+    if (staging / "MLmodel").is_file():
+        return staging
+    candidates = [p.parent for p in staging.rglob("MLmodel")]
+    if len(candidates) != 1:
+        raise ModelNotFound(f"model uri '{uri}' holds {len(candidates)} MLflow models; expected one")
+    return candidates[0]

@@ -1,0 +1,72 @@
+"""A version model: the transformer path, kserve's own handlers, and what loading refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+
+from mlops.errors import ModelNotFound, ModelNotReady
+from serving.bundle import read_bundle
+from serving.model import VersionModel
+
+
+def test_transformer_maps_raw_features_to_labels(fraud):
+    arrays = fraud.decoder.v1(
+        {
+            "instances": [
+                {"amount": 10.0, "age_days": 3, "country": "DE"},
+                {"amount": 900, "age_days": 0, "country": "US"},
+            ]
+        }
+    )
+    outputs = fraud.compute(arrays)
+    predictions = fraud.v1_predictions(outputs)
+    assert [p["label"] for p in predictions] == outputs["label"].tolist()
+    for p in predictions:
+        assert set(p["probabilities"]) == {"legit", "fraud"}
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
+
+
+def test_unknown_category_is_counted_and_still_answered(fraud):
+    before = fraud.unknown_categories
+    outputs = fraud.compute(fraud.decoder.v1({"instances": [{"amount": 1, "age_days": 1, "country": "ZZ"}]}))
+    assert fraud.unknown_categories == before + 1
+    assert outputs["probabilities"].shape == (1, 2)
+
+
+def test_kserve_v2_handlers_answer_an_infer_request(mlp):
+    tensor = InferInput("input", [2, 16], "FP32", data=[0.25] * 32)
+    request = InferRequest("mlp", [tensor], request_id="req-9")
+    decoded = asyncio.run(mlp.preprocess(request))
+    response = asyncio.run(mlp.postprocess(mlp.predict(decoded)))
+    assert isinstance(response, InferResponse)
+    assert (response.id, response.model_version) == ("req-9", "1")
+    assert np.asarray(response.outputs[0].data).reshape(2, 2).sum(axis=1) == pytest.approx([1, 1], abs=1e-5)
+
+
+def test_kserve_v1_handlers_answer_instances(mlp):
+    decoded = asyncio.run(mlp.preprocess({"instances": [[0.1] * 16]}))
+    assert len(asyncio.run(mlp.postprocess(mlp.predict(decoded)))["predictions"]) == 1
+
+
+def test_metadata_lists_the_request_signature(fraud):
+    assert [i["name"] for i in fraud.get_input_types()] == ["amount", "age_days", "country"]
+    assert [o["name"] for o in fraud.get_output_types()] == ["label", "probabilities"]
+
+
+def test_a_folder_without_mlmodel_is_not_a_model(tmp_path):
+    with pytest.raises(ModelNotFound, match="no MLmodel file"):
+        read_bundle(tmp_path)
+
+
+def test_a_corrupt_model_file_fails_at_load_not_at_request(mlp_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(mlp_dir, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(ModelNotReady, match="cannot load"):
+        VersionModel("mlp", "2", read_bundle(broken)).load()
