@@ -12,8 +12,10 @@ takes typed arguments and returns a result object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,12 +82,46 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--no-registry", action="store_true", help="do not check the registry")
     doctor.set_defaults(handler=_doctor)
 
+    serve = commands.add_parser(
+        "serve", help="drive a deployment target: load, split, promote, rollback, status"
+    )
+    serve_commands = serve.add_subparsers(dest="serve_command", required=True, parser_class=_Parser)
+    target_help = "deployment target URL (default: MLOPS_SERVING__TARGET, else the stack's model server)"
+    load = serve_commands.add_parser("load", help="load a version as canary (or stable)")
+    load.add_argument("model")
+    load.add_argument("--version", required=True, help="the registry version")
+    load.add_argument("--uri", required=True, help="models:/<name>/<version>, s3://..., or a local folder")
+    load.add_argument("--role", choices=("canary", "stable"), default="canary")
+    split = serve_commands.add_parser("split", help="set the canary's share of traffic")
+    split.add_argument("model")
+    split.add_argument("--canary-percent", type=_percent, required=True, metavar="P")
+    split.add_argument("--mode", choices=("split", "shadow"), default="split")
+    for name, text in (
+        ("promote", "make the canary stable"),
+        ("rollback", "drop the canary"),
+        ("status", "show the rollout"),
+    ):
+        serve_commands.add_parser(name, help=text).add_argument("model")
+    for sub in serve_commands.choices.values():
+        sub.add_argument("--target", metavar="URL", help=target_help)
+        sub.set_defaults(handler=_serve)
+
     demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
     demo.add_argument(
         "--ttl-s", type=_positive_float, metavar="SECONDS", help="stop the stack by itself after this long"
     )
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage between 0 and 100, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -123,17 +159,12 @@ def _stack_status(settings: Settings, args: argparse.Namespace) -> tuple[Any, in
 
     status = Supervisor(settings, build_components(settings), _progress).status()
     code = 0 if status.healthy else STATUS_NOT_HEALTHY
-    if args.json:
-        return status, code
-    print(_status_table(status))
-    return None, code
+    return (status if args.json else Text(_status_table(status) + "\n")), code
 
 
 def _status_table(status: Any) -> str:
     rows = [("COMPONENT", "SERVICE", "STATE", "HEALTH", "PID", "URL")]
     for component in status.components.values():
-        if not component.services:
-            rows.append((component.name, "-", "-", component.note, "-", "-"))
         for service in component.services.values():
             rows.append(
                 (
@@ -152,6 +183,7 @@ def _status_table(status: Any) -> str:
     lines.append(f"state dir: {status.state_dir}")
     if status.airflow_login:
         lines.append(f"Airflow login: {status.airflow_login['user']} / {status.airflow_login['password']}")
+    lines.append(f"model server admin token: {Path(status.state_dir) / 'serving' / 'admin-token'}")
     return "\n".join(lines)
 
 
@@ -179,8 +211,7 @@ def _stack_compose(settings: Settings, args: argparse.Namespace) -> tuple[Any, i
 
     text = render_compose()
     if args.output is None:
-        print(text, end="")
-        return None, 0
+        return Text(text), 0
     args.output.write_text(text)
     return {"written": str(args.output)}, 0
 
@@ -190,6 +221,18 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
 
     url = None if args.no_registry else (args.mlflow_uri or settings.mlflow_url)
     return doctor(mlflow_url=url, require_gpu=args.require_gpu), 0
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.targets import get_deployment_target
+
+    target = get_deployment_target(args.target or settings.deployment_target, settings)
+    command = args.serve_command
+    if command == "load":
+        return target.deploy(args.model, args.version, args.uri, args.role), 0
+    if command == "split":
+        return target.set_traffic(args.model, args.canary_percent, args.mode), 0
+    return getattr(target, command)(args.model), 0
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
@@ -216,7 +259,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+class Text(str):
+    """A result printed as it is (a table, a file's content), not as JSON."""
+
+
 def _emit(payload: Any, result_file: Path | None) -> None:
+    if isinstance(payload, Text):
+        sys.stdout.write(payload)
+        sys.stdout.flush()
+        return
     text = json.dumps(payload, default=_jsonable, indent=2 if sys.stdout.isatty() else None)
     print(text, flush=True)
     if result_file is not None:
@@ -229,8 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         result_file = args.result_file
+        if args.config:
+            # Children (the stack's services, Airflow's tasks) read the same file.
+            os.environ["MLOPS_CONFIG"] = str(Path(args.config).resolve())
         handler: Callable[[Settings, argparse.Namespace], tuple[Any, int]] = args.handler
-        result, code = handler(load_settings(args.config), args)
+        settings = load_settings(args.config)
+        # stdout carries the one result: whatever a library prints (MLflow's run links, say)
+        # goes to stderr with the logs.
+        with contextlib.redirect_stdout(sys.stderr):
+            result, code = handler(settings, args)
     except MLOpsError as exc:
         print(f"mlops: error: {exc}", file=sys.stderr, flush=True)
         _emit({"error": {"type": type(exc).__name__, "message": str(exc)}}, result_file)

@@ -84,6 +84,20 @@ class ServingSettings(_Section):
     batch_max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more rows (0: never)")
     threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per version")
     health_timeout_s: float = Field(90.0, gt=0)
+    target: str | None = Field(
+        None, description="where `mlops serve` deploys; default: this model server's URL"
+    )
+
+
+class KServeSettings(_Section):
+    """The Kubernetes target (kserve://<namespace>): how InferenceServices are built."""
+
+    image: str = Field("mlops-runtime:latest", description="runtime image of predictor and transformer pods")
+    gpus: int = Field(1, ge=0, description="nvidia.com/gpu per predictor pod (0: CPU)")
+    service_account: str | None = Field(None, description="service account with access to the model store")
+    logger_url: str | None = Field(None, description="where KServe's logger sends every request and response")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(3, ge=1)
 
 
 class Settings(BaseSettings):
@@ -106,6 +120,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     airflow: AirflowSettings = AirflowSettings()
     serving: ServingSettings = ServingSettings()
+    kserve: KServeSettings = KServeSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -131,6 +146,10 @@ class Settings(BaseSettings):
     @property
     def serving_url(self) -> str:
         return self.serving.url or f"http://{_client_host(self.host)}:{self.serving.port}"
+
+    @property
+    def deployment_target(self) -> str:
+        return self.serving.target or self.serving_url
 
     @property
     def serving_dir(self) -> Path:

@@ -95,6 +95,12 @@ class Deployments:
         self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
         self._repository = repository
 
+    def attach(self, repository: kserve.model_repository.ModelRepository) -> None:
+        """Show the deployed models to kserve's own endpoints (readiness, metadata)."""
+        self._repository = repository
+        for name in self._routing:
+            repository.update(RoutedModel(name, self), name)
+
     # --- the request path: one dict lookup --------------------------------------------------
 
     def routing(self, name: str) -> Routing[Loaded]:

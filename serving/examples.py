@@ -47,6 +47,25 @@ def mlp_onnx(features: int, hidden: int, classes: int, seed: int = 0, layers: in
     return model
 
 
+def mlp_signature(features: int, classes: int, transformer: dict[str, Any] | None) -> tuple[Any, int]:
+    """The MLflow signature of an example MLP, and the width of its input tensor.
+
+    With a transformer the signature names the raw features (column specs); without, it is the
+    tensor ``input`` [-1, features].
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    if transformer is not None:
+        specs = transformer["features"]
+        inputs = Schema([ColSpec("double" if f["type"] == "numeric" else "string", f["name"]) for f in specs])
+        features = sum(len(f["categories"]) if f["type"] == "categorical" else 1 for f in specs)
+    else:
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, features), "input")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "probabilities")])
+    return ModelSignature(inputs, outputs), features
+
+
 def save_mlp(
     path: Path,
     features: int = 16,
@@ -58,31 +77,34 @@ def save_mlp(
 ) -> Path:
     """An MLflow model directory holding an MLP (and a transformer spec when given)."""
     import mlflow.onnx
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
 
     from serving.transformer import METADATA_KEY
 
-    if transformer is not None:
-        inputs = Schema(
-            [
-                ColSpec("double" if f["type"] == "numeric" else "string", f["name"])
-                for f in transformer["features"]
-            ]
-        )
-        features = sum(
-            len(f["categories"]) if f["type"] == "categorical" else 1 for f in transformer["features"]
-        )
-    else:
-        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, features), "input")])
-    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "probabilities")])
+    signature, width = mlp_signature(features, classes, transformer)
     mlflow.onnx.save_model(
-        mlp_onnx(features, hidden, classes, seed, layers),
+        mlp_onnx(width, hidden, classes, seed, layers),
         str(path),
-        signature=ModelSignature(inputs, outputs),
+        signature=signature,
         metadata={METADATA_KEY: transformer} if transformer else None,
     )
     return Path(path)
+
+
+def log_mlp(registered_model_name: str, seed: int, transformer: dict[str, Any] | None = None) -> str:
+    """Log an example MLP to the current MLflow run and register it; returns the new version."""
+    import mlflow.onnx
+
+    from serving.transformer import METADATA_KEY
+
+    signature, width = mlp_signature(16, 2, transformer)
+    info = mlflow.onnx.log_model(
+        mlp_onnx(width, 32, 2, seed),
+        name="model",
+        signature=signature,
+        registered_model_name=registered_model_name,
+        metadata={METADATA_KEY: transformer} if transformer else None,
+    )
+    return str(info.registered_model_version)
 
 
 def fraud_transformer() -> dict[str, Any]:

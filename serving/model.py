@@ -8,8 +8,9 @@ standard handlers below.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,21 @@ import kserve
 import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from mlops.errors import ModelNotReady
+from mlops.errors import InvalidInput, ModelNotReady
 from serving.bundle import Bundle
 from serving.runtime import OnnxRuntime, Runtime, TorchScriptRuntime
 from serving.signature import RequestDecoder, Signature, v2_outputs
+
+
+@contextlib.contextmanager
+def kserve_errors(model: str) -> Iterator[None]:
+    """Our errors as kserve's, so kserve's own server answers 400/503 instead of 500."""
+    try:
+        yield
+    except InvalidInput as exc:
+        raise kserve.errors.InvalidInput(str(exc)) from exc
+    except ModelNotReady as exc:
+        raise kserve.errors.ModelNotReady(model, str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class VersionModel(kserve.Model):
         max_batch_rows: int = 1024,
         threads: int | None = None,
         providers: list[str] | None = None,
+        use_transformer: bool = True,
     ) -> None:
         super().__init__(name)
         self.version = str(version)
@@ -53,11 +66,15 @@ class VersionModel(kserve.Model):
         self.request_signature: Signature | None = None
         self.decoder: RequestDecoder | None = None
         self.unknown_categories = 0  # raw categories the transformer had never seen
+        # Off in a predictor pod whose InferenceService has a transformer component.
+        self.transformer = bundle.transformer if use_transformer else None
 
     # --- loading ------------------------------------------------------------------------------
 
     def load(self) -> bool:
         bundle = self.bundle
+        # With a transformer spec the MLflow signature describes the raw features a request sends;
+        # the model tensor is the graph's own (or the spec's ``input``).
         if bundle.flavor == "onnx":
             self.runtime = OnnxRuntime(bundle.model_file, self._providers, self._threads)
         else:
@@ -65,17 +82,32 @@ class VersionModel(kserve.Model):
                 raise ModelNotReady(
                     f"model '{self.name}' version {self.version}: a TorchScript model needs an MLflow signature"
                 )
-            self.runtime = TorchScriptRuntime(
-                bundle.model_file,
-                [s.name for s in bundle.signature.inputs],
-                [s.name for s in bundle.signature.outputs],
+            inputs = (
+                [bundle.transformer.input]
+                if bundle.transformer
+                else [s.name for s in bundle.signature.inputs]
             )
-        signature = bundle.signature or self.runtime.declared
-        assert signature is not None
+            self.runtime = TorchScriptRuntime(
+                bundle.model_file, inputs, [s.name for s in bundle.signature.outputs]
+            )
+        declared = self.runtime.declared
+        signature = (declared or bundle.signature) if bundle.transformer else (bundle.signature or declared)
+        if signature is None:
+            raise ModelNotReady(
+                f"model '{self.name}' version {self.version}: no signature to validate requests with"
+            )
         self.model_signature = signature
         self.request_signature = (
-            bundle.transformer.request_signature(signature) if bundle.transformer else signature
+            self.transformer.request_signature(signature) if self.transformer else signature
         )
+        if self.transformer is not None and bundle.signature is not None:
+            declared_features = set(bundle.signature.input_names)
+            features = {f.name for f in self.transformer.features}
+            if declared_features != features:
+                raise ModelNotReady(
+                    f"model '{self.name}' version {self.version}: MLflow signature inputs"
+                    f" {sorted(declared_features)} do not match the transformer's features {sorted(features)}"
+                )
         self.decoder = RequestDecoder(self.name, self.version, self.request_signature, self.max_batch_rows)
         self._smoke_test()
         self.ready = True
@@ -109,7 +141,7 @@ class VersionModel(kserve.Model):
         runtime = self.runtime
         if runtime is None:
             raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
-        transformer = self.bundle.transformer
+        transformer = self.transformer
         if transformer is None:
             return runtime.run(inputs)
         feeds, unknown = transformer.encode(inputs)
@@ -117,8 +149,8 @@ class VersionModel(kserve.Model):
         return transformer.decode(runtime.run(feeds))
 
     def v1_predictions(self, outputs: Mapping[str, np.ndarray]) -> list[Any]:
-        if self.bundle.transformer is not None:
-            return self.bundle.transformer.v1_predictions(outputs)
+        if self.transformer is not None:
+            return self.transformer.v1_predictions(outputs)
         if len(outputs) == 1:
             return next(iter(outputs.values())).tolist()
         rows = len(next(iter(outputs.values())))
@@ -136,6 +168,10 @@ class VersionModel(kserve.Model):
     # --- kserve's handlers (used when kserve's own server runs this model) ----------------------
 
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Decoded:
+        with kserve_errors(self.name):
+            return self._decode(payload, headers)
+
+    def _decode(self, payload: Any, headers: dict[str, str] | None) -> Decoded:
         decoder = self._decoder()
         request_id = (headers or {}).get("x-request-id") or uuid.uuid4().hex
         if isinstance(payload, InferRequest):

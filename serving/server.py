@@ -1,8 +1,10 @@
-"""The model server process: kserve's ModelServer, with this project's front and deployments.
+"""Model server processes: kserve's ModelServer, bound where we say, with our front when wanted.
 
-It starts with no model (the stack brings it up before any version is approved), restores the
-versions its state file names, and binds to the configured host (kserve's own REST server always
-binds 0.0.0.0). gRPC is off: the V2 REST API is the contract here.
+Two processes use it: the model server of the stack (``python -m serving``: this project's front,
+deployments restored from the state file, no model at start), and the pods of a KServe
+InferenceService (``python -m serving.predictor``: one version, kserve's own endpoints). kserve's
+REST server always binds 0.0.0.0; here the host is a setting (loopback in the embedded stack).
+gRPC is off: the V2 REST API is the contract.
 """
 
 from __future__ import annotations
@@ -10,11 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from mlops.settings import Settings
 
+ASGIApp = Any
 
-def serve(settings: Settings) -> None:
+
+def run_model_server(
+    port: int,
+    host: str,
+    models: list[Any] | None = None,
+    wrap: Callable[[ASGIApp], ASGIApp] | None = None,
+    predictor_config: Any | None = None,
+    on_start: Callable[[Any], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT. ``on_start(model_repository)`` runs as a task once the loop runs."""
     # kserve parses sys.argv when imported: a flag of ours with the same name would silently change
     # its defaults. Everything it needs is passed explicitly below.
     sys.argv = sys.argv[:1]
@@ -22,27 +36,22 @@ def serve(settings: Settings) -> None:
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.protocol.rest.server import RESTServer
 
-    from serving.auth import admin_token
-    from serving.deployments import Deployments
-    from serving.http import Front
-
-    log = logging.getLogger("serving")
-    token = admin_token(settings)
-
     class _RESTServer(RESTServer):
         def create_application(self) -> None:
             super().create_application()
             from kserve.model_server import app
 
-            self.config.app = Front(app, deployments, token, settings.serving.max_body_bytes)
-            self.config.host = settings.host
+            self.config.app = wrap(app) if wrap is not None else app
+            self.config.host = host
             # Per-request log lines cost more than a small model's inference: metrics count requests.
             access = logging.getLogger("uvicorn.access")
             access.handlers, access.propagate = [], False
             logging.getLogger("kserve.trace").setLevel(logging.WARNING)
 
     class _ModelServer(ModelServer):
-        def start(self, models: list | None = None) -> None:  # type: ignore[override]
+        def start(self, models: list[Any] | None = None) -> None:  # type: ignore[override]
+            for model in models or []:
+                self.register_model(model)
             rest = _RESTServer(
                 FASTAPI_APP_IMPORT_STRING,
                 self.dataplane,
@@ -55,22 +64,51 @@ def serve(settings: Settings) -> None:
             self.register_signal_handler()
 
             async def main() -> None:
-                restoring = asyncio.get_running_loop().create_task(deployments.restore())
+                started = None
+                if on_start is not None:
+                    started = asyncio.get_running_loop().create_task(on_start(self.registered_models))
                 await rest.start()
-                restoring.cancel()
+                if started is not None:
+                    started.cancel()
 
             asyncio.run(main())
 
     server = _ModelServer(
-        http_port=settings.serving.port,
+        http_port=port,
         enable_grpc=False,
         enable_latency_logging=False,
         workers=1,
         grace_period=10,
+        predictor_config=predictor_config,
     )
-    deployments = Deployments(settings, server.registered_models)
-    log.info("model server on %s:%s, state %s", settings.host, settings.serving.port, deployments.state_file)
-    server.start()
+    server.start(models)
+
+
+def serve(settings: Settings) -> None:
+    """The stack's model server: the fast front, deployments restored from the state file."""
+    from serving.auth import admin_token
+    from serving.deployments import Deployments
+    from serving.http import Front
+
+    token = admin_token(settings)
+    holder: dict[str, Deployments] = {}
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        return Front(app, holder["deployments"], token, settings.serving.max_body_bytes)
+
+    async def on_start(repository: Any) -> None:
+        deployments = holder["deployments"]
+        deployments.attach(repository)
+        await deployments.restore()
+
+    holder["deployments"] = Deployments(settings)
+    logging.getLogger("serving").info(
+        "model server on %s:%s, state %s",
+        settings.host,
+        settings.serving.port,
+        holder["deployments"].state_file,
+    )
+    run_model_server(settings.serving.port, settings.host, wrap=wrap, on_start=on_start)
 
 
 def main() -> int:

@@ -56,10 +56,13 @@ def _from_mlflow(uri: str, staging: Path, tracking_uri: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    # Parts of MLflow's download path (models:/ resolution, LoggedModel artifacts) read the
+    # process-wide tracking and registry URIs, not the arguments: without these it opens a
+    # local database of its own. This process talks to one registry, so set them for it.
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(staging), tracking_uri=tracking_uri
-        )
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             raise ModelNotFound(

@@ -28,9 +28,14 @@ class Run:
         return [line for line in self.stderr.splitlines() if line.startswith("mlops: error:")]
 
 
+# mlflow.set_tracking_uri() in a test also exports MLFLOW_TRACKING_URI: a server started after it
+# must not find its registry through that by accident.
+_NOT_INHERITED = ("MLOPS_", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 def mlops_env(**settings: str) -> dict[str, str]:
-    """The caller's environment without MLOPS_* settings, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")}
+    """The caller's environment without MLOPS_* settings (nor MLflow's URIs), plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
     env.update(settings)
     return env
 

@@ -92,6 +92,14 @@ def render_compose(components: tuple[Component, ...] | None = None) -> str:
                         "retries": 30,
                         "start_period": "20s",
                     }
+            if service.gpu:
+                entry["deploy"] = {
+                    "resources": {
+                        "reservations": {
+                            "devices": [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+                        }
+                    }
+                }
             if service.port is not None:
                 entry["ports"] = [f"127.0.0.1:{service.port}:{service.port}"]
             services[service.name] = entry

@@ -39,6 +39,7 @@ class Service:
     port_setting: str | None = None  # the setting that moves that port, for error messages
     environment_setting: str | None = None  # the setting that points at argv[0]'s environment
     prepare: Callable[[], None] | None = None  # files and folders it needs before it starts
+    gpu: bool = False  # uses a GPU when the host has one (the compose file reserves one)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ class Component:
     services: tuple[Service, ...]
     probe: Probe | None
     health_timeout_s: float
-    note: str = ""  # shown in status when the component has no process yet
 
     @property
     def long_running(self) -> tuple[Service, ...]:
@@ -276,12 +276,39 @@ def airflow_login(settings: Settings) -> dict[str, str] | None:
 
 
 def _serving(settings: Settings) -> Component:
-    # The slot the serving layer fills: its model server process, probe and URL come with it.
+    def prepare() -> None:
+        from serving.auth import admin_token
+
+        settings.serving_dir.mkdir(parents=True, exist_ok=True)
+        admin_token(settings)  # made once here, so the CLI and the server read the same one
+
+    service = Service(
+        name="serving",
+        component="serving",
+        argv=(str(settings.runtime_python), "-m", "serving"),
+        port=settings.serving.port,
+        port_setting=env_name(("serving", "port")),
+        environment_setting=env_name(("runtime_venv",)),
+        prepare=prepare,
+        gpu=True,
+    )
     return Component(
         name="serving",
-        url=None,
-        services=(),
-        probe=None,
-        health_timeout_s=60.0,
-        note="not provided yet: the model server joins the stack with the serving layer",
+        url=settings.serving_url,
+        services=(service,),
+        probe=_serving_probe(settings.serving_url),
+        health_timeout_s=settings.serving.health_timeout_s,
     )
+
+
+def _serving_probe(url: str) -> Probe:
+    def probe(client: httpx.Client) -> dict[str, str]:
+        try:
+            response = client.get(f"{url}/v2/health/ready")
+        except httpx.HTTPError as exc:
+            return {"serving": f"not answering ({type(exc).__name__})"}
+        if response.status_code != 200:
+            return {"serving": f"/v2/health/ready answered {response.status_code}"}
+        return {"serving": HEALTHY}
+
+    return probe

@@ -73,9 +73,8 @@ class ServiceStatus:
 class ComponentStatus:
     name: str
     url: str | None
-    healthy: bool | None  # None: the component has no process yet
+    healthy: bool
     services: dict[str, ServiceStatus] = field(default_factory=dict)
-    note: str = ""
 
 
 @dataclass
@@ -329,11 +328,6 @@ class Supervisor:
         components: dict[str, ComponentStatus] = {}
         for component in self.components:
             services = component.long_running
-            if not services:
-                components[component.name] = ComponentStatus(
-                    component.name, component.url, healthy=None, note=component.note
-                )
-                continue
             states: dict[str, ServiceStatus] = {}
             for service in services:
                 record = records.get(service.name)
@@ -352,7 +346,7 @@ class Supervisor:
                         state.health = answers.get(name, "unknown")
             healthy = all(s.health == HEALTHY for s in states.values())
             components[component.name] = ComponentStatus(component.name, component.url, healthy, states)
-        healthy = all(c.healthy is not False for c in components.values())
+        healthy = all(c.healthy for c in components.values())
         watchdog = records.get(WATCHDOG)
         return StackStatus(
             state_dir=str(self.state_dir),

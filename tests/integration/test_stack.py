@@ -55,7 +55,37 @@ def test_the_stack_comes_up_healthy_with_every_process_and_the_airflow_login(sta
     assert up["airflow_login"]["user"] == "admin" and up["airflow_login"]["password"]
     assert stack["demo"]["airflow_login"] == up["airflow_login"]
     assert up["watchdog"]["pid"] > 0
-    assert up["components"]["serving"]["healthy"] is None
+    assert up["components"]["serving"]["healthy"] is True
+
+
+def test_demo_deploys_registry_versions_and_canaries_the_second(stack):
+    served = stack["demo"]["serving"]
+    first, second = stack["demo"]["registry"]["versions"]
+    assert len(served["sample_predictions"]) == 3
+    assert all(p["label"] in ("legit", "fraud") for p in served["sample_predictions"])
+    split = served["split_answers"]
+    assert set(split) == {first, second}
+    assert abs(100 * split[second] / sum(split.values()) - served["canary_percent"]) < 6
+    assert served["after_promote"] == {second: 50} and served["stable"] == second
+
+
+def test_cli_drives_the_stacks_model_server(stack):
+    model = "demo-fraud"
+    status = run_mlops("serve", "status", model, env=stack["env"])
+    assert status.code == 0, status.stderr
+    stable = status.json["stable"]["version"]
+    other = next(v for v in stack["demo"]["registry"]["versions"] if v != stable)
+    loaded = run_mlops(
+        "serve", "load", model, "--version", other, "--uri", f"models:/{model}/{other}", env=stack["env"]
+    )
+    assert loaded.code == 0, loaded.stderr
+    assert loaded.json["canary"]["version"] == other
+    split = run_mlops("serve", "split", model, "--canary-percent", "30", env=stack["env"])
+    assert (split.json["canary_percent"], split.json["mode"]) == (30.0, "split")
+    rolled = run_mlops("serve", "rollback", model, env=stack["env"])
+    assert rolled.json["canary"] is None and rolled.json["stable"]["version"] == stable
+    again = run_mlops("serve", "rollback", model, env=stack["env"])
+    assert again.code == 2 and "no canary to roll back" in again.json["error"]["message"]
 
 
 def test_mlflow_answers_its_rest_api(stack):

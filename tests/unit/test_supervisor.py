@@ -85,7 +85,7 @@ def test_status_reports_recorded_but_exited_services(supervisor):
     mlflow = status.components["mlflow"].services["mlflow"]
     assert (mlflow.state, mlflow.health) == ("exited", "not running")
     assert status.healthy is False
-    assert status.components["serving"].healthy is None  # the slot the serving layer fills
+    assert status.components["serving"].services["serving"].state == "stopped"
 
 
 def record_for_exited(proc: subprocess.Popen) -> ProcessRecord:

@@ -1,0 +1,97 @@
+"""Where versions are rolled out: one interface for the deploy DAG and `mlops serve`, chosen by URL.
+
+- ``http://host:port`` (or https): this project's model server, through its admin API (the
+  embedded stack's serving process, or any other instance);
+- ``kserve://<namespace>``: a KServe InferenceService per model on Kubernetes, applied with the
+  kserve SDK (``canaryTrafficPercent`` for the split).
+
+Backends are imported lazily, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlparse
+
+from mlops.errors import ConfigError
+from mlops.settings import Settings
+from serving.router import Mode, Role
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    version: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A model's rollout state on a target."""
+
+    target: str
+    model: str
+    stable: VersionRef | None
+    canary: VersionRef | None
+    canary_percent: float
+    mode: Mode
+    detail: dict | None = None  # what the target adds (providers, the InferenceService's status, ...)
+
+
+class DeploymentTarget(Protocol):
+    """A place that serves models with a stable and a canary version.
+
+    Every method returns the model's state after the change. A method that cannot be done (no
+    canary to promote, an unknown model) raises ``InvalidInput`` or ``ModelNotFound`` and changes
+    nothing; a target that does not answer raises ``BackendUnavailable``.
+    """
+
+    def deploy(self, model: str, version: str, uri: str, role: Role = "canary") -> Deployment:
+        """Load ``version`` from ``uri`` as ``role`` (the first version of a model becomes stable)."""
+        ...
+
+    def set_traffic(self, model: str, canary_percent: float, mode: Mode = "split") -> Deployment:
+        """Send ``canary_percent`` % of requests to the canary (``shadow``: mirror, answer from stable)."""
+        ...
+
+    def promote(self, model: str) -> Deployment:
+        """Make the canary the stable version, with all traffic."""
+        ...
+
+    def rollback(self, model: str) -> Deployment:
+        """Drop the canary; the stable version gets all traffic again."""
+        ...
+
+    def status(self, model: str) -> Deployment: ...
+
+
+def _server(url: str, settings: Settings) -> DeploymentTarget:
+    from serving.auth import admin_token
+    from serving.targets.server import ServerTarget
+
+    return ServerTarget(url, admin_token(settings))
+
+
+def _kserve(url: str, settings: Settings) -> DeploymentTarget:
+    from serving.targets.kserve import KServeTarget
+
+    return KServeTarget(urlparse(url).netloc or "default", settings.kserve)
+
+
+_BUILDERS: dict[str, Callable[[str, Settings], DeploymentTarget]] = {
+    "http": _server,
+    "https": _server,
+    "kserve": _kserve,
+}
+
+
+def get_deployment_target(url: str, settings: Settings) -> DeploymentTarget:
+    """The target at ``url``; an unknown scheme is refused with the list of known ones."""
+    scheme = urlparse(url).scheme
+    builder = _BUILDERS.get(scheme)
+    if builder is None:
+        raise ConfigError(
+            f"deployment target '{url}': scheme '{scheme}' is not one of {', '.join(sorted(_BUILDERS))}"
+        )
+    return builder(url, settings)
