@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in serve_commands.choices.values():
         sub.add_argument("--target", metavar="URL", help=target_help)
         sub.set_defaults(handler=_serve)
+    manifests = serve_commands.add_parser(
+        "manifests", help="render the KServe manifests (docker/k8s) from MLOPS_KSERVE__*"
+    )
+    manifests.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
+    manifests.set_defaults(handler=_serve_manifests)
 
     demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
     demo.add_argument(
@@ -233,6 +238,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     if command == "split":
         return target.set_traffic(args.model, args.canary_percent, args.mode), 0
     return getattr(target, command)(args.model), 0
+
+
+def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.targets.kserve import render_manifests
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_manifests(settings.kserve).items():
+        (args.output_dir / name).write_text(text)
+        written.append(str(args.output_dir / name))
+    return {"written": written}, 0
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

@@ -29,6 +29,7 @@ from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotF
 from serving import metrics
 from serving.auth import token_matches
 from serving.deployments import Deployments, Loaded
+from serving.explain import explain
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def status_for(exc: Exception) -> int:
     return next((code for kind, code in HTTP_STATUS if isinstance(exc, kind)), 500)
 
 
-_V1_PREDICT = re.compile(r"^/v1/models/([^/:]+):predict$")
+_V1_PREDICT = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$")
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback))?$")
 _JSON = [(b"content-type", b"application/json")]
@@ -92,7 +93,8 @@ class Front:
         if scope["type"] == "http":
             path, method = scope["path"], scope["method"]
             if method == "POST" and (match := _V1_PREDICT.match(path)):
-                return await self._infer(scope, receive, send, match.group(1), None, "v1")
+                protocol = "v1" if match.group(2) == "predict" else "explain"
+                return await self._infer(scope, receive, send, match.group(1), None, protocol)
             if method == "POST" and (match := _V2_INFER.match(path)) and not _binary(scope):
                 return await self._infer(scope, receive, send, match.group(1), match.group(2), "v2")
             if path.startswith("/admin/"):
@@ -128,10 +130,14 @@ class Front:
             if decoder is None:
                 raise ModelNotReady(f"model '{name}' version {model.version} is not loaded")
             inputs = decoder.v2(body) if protocol == "v2" else decoder.v1(body)
-            outputs = await answered.batcher.submit(inputs)
-            if protocol == "v2":
+            if protocol == "explain":
+                payload = await self._explain(model, inputs, body)
+                shadow = None
+            elif protocol == "v2":
+                outputs = await answered.batcher.submit(inputs)
                 payload = model.v2_body(outputs, body.get("id") or request_id)
             else:
+                outputs = await answered.batcher.submit(inputs)
                 payload = {"predictions": model.v1_predictions(outputs), "model_version": model.version}
             if shadow is not None:
                 self._mirror(shadow, inputs)
@@ -151,6 +157,23 @@ class Front:
         metrics.requests(name, answered.version, role, protocol, "200").inc()
         metrics.latency(name, answered.version, role).observe(time.perf_counter() - started)
         await _send(send, 200, response, request_id, answered.version, role)
+
+    async def _explain(self, model: Any, inputs: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """`:explain`: attributions off the event loop (the model runs many rows for one answer)."""
+        permutations = body.get("permutations", 32)
+        target = body.get("target")
+        if (
+            not isinstance(permutations, int)
+            or isinstance(permutations, bool)
+            or not 2 <= permutations <= 512
+        ):
+            raise InvalidInput(f"field 'permutations' must be an integer from 2 to 512, got {permutations!r}")
+        if target is not None and (not isinstance(target, int) or isinstance(target, bool)):
+            raise InvalidInput(f"field 'target' must be an output index, got {target!r}")
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, explain, model.compute, inputs, model.transformer, permutations, target
+        )
+        return {**result, "model_version": model.version}
 
     def _mirror(self, shadow: Loaded, inputs: dict[str, Any]) -> None:
         """Shadow mode: the canary computes the same inputs; its answer is not returned."""

@@ -195,6 +195,8 @@ class VersionModel(kserve.Model):
         return payload, self.compute(payload.inputs)
 
     async def postprocess(self, result: Any, headers: dict[str, str] | None = None) -> Any:
+        if not isinstance(result, tuple):  # an explanation: already the response body
+            return result
         decoded, outputs = result
         if decoded.protocol == "v1":
             return {"predictions": self.v1_predictions(outputs)}
@@ -207,6 +209,14 @@ class VersionModel(kserve.Model):
                 InferOutput(o["name"], o["shape"], o["datatype"], o["data"]) for o in body["outputs"]
             ],
         )
+
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """kserve's ``:explain``: the same attributions as the model server's (serving/explain.py)."""
+        from serving.explain import explain
+
+        decoded: Decoded = payload
+        with kserve_errors(self.name):
+            return {**explain(self.compute, decoded.inputs, self.transformer), "model_version": self.version}
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [spec.to_dict() for spec in (self.request_signature.inputs if self.request_signature else ())]

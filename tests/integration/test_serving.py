@@ -363,3 +363,29 @@ def test_a_restarted_server_restores_its_deployments(tmp_path, models):
         restored = status.status("kept")
     assert (restored["stable"]["version"], restored["canary"]["version"]) == ("1", "2")
     assert (restored["canary_percent"], restored["mode"]) == (40.0, "split")
+
+
+# --- explanations ---------------------------------------------------------------------------------
+
+
+def test_explain_returns_attributions_per_raw_feature(admin, http, models):
+    admin.load("explained", "7", models["fraud"], role="stable")
+    row = {"amount": 250.0, "age_days": 5, "country": "US"}
+    response = http.post("/v1/models/explained:explain", json={"instances": [row], "permutations": 16})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "shapley-permutation-sampling" and body["model_version"] == "7"
+    assert body["model_evaluations"] == 16 * 4
+    (explanation,) = body["explanations"]
+    assert set(explanation["attributions"]) == {"amount", "age_days", "country"}
+    gap = explanation["prediction"] - explanation["baseline_prediction"]
+    assert sum(explanation["attributions"].values()) == pytest.approx(gap, abs=1e-4)
+    assert response.headers["x-model-version"] == "7"
+
+
+def test_explain_refuses_bad_parameters(admin, http, models):
+    admin.load("explained-bad", "7", models["fraud"], role="stable")
+    row = {"amount": 1.0, "age_days": 5, "country": "US"}
+    for extra, fragment in (({"permutations": 1}, "'permutations'"), ({"target": "fraud"}, "'target'")):
+        response = http.post("/v1/models/explained-bad:explain", json={"instances": [row], **extra})
+        assert response.status_code == 400 and fragment in response.json()["error"]

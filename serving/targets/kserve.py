@@ -1,0 +1,371 @@
+"""The Kubernetes target: one KServe InferenceService per model, built and applied with the kserve SDK.
+
+A rollout is a desired state (stable version, canary version, canary percent) written into the
+InferenceService: the predictor runs the newest version (``storageUri``) and, while there is a
+canary, ``canaryTrafficPercent`` sends that share to it and the rest to the previous revision.
+The versions are recorded in annotations, so the state is read back from the cluster itself.
+
+Pods run this project's runtime image through a ClusterServingRuntime (``serving_runtimes``):
+``python -m serving.predictor``, the same model class as the local model server. A version with a
+transformer spec gets KServe's transformer component (raw features -> tensor), and its predictor
+serves bare tensors. GPUs are requested as ``nvidia.com/gpu`` limits.
+
+``KServeClient()`` reads a kubeconfig when constructed, so it is built on first use; tests pass
+a fake client.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from mlops.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from mlops.settings import KServeSettings
+from serving.router import Mode, Role
+from serving.targets import Deployment, VersionRef
+
+API_VERSION = "serving.kserve.io/v1beta1"
+MODEL_FORMAT = "mlops"
+RUNTIME = "mlops-runtime"  # the version's transformer runs inside the predictor
+TENSOR_RUNTIME = "mlops-runtime-tensor"  # predictor of bare tensors, behind a transformer component
+VERSION_ENV = "MLOPS_MODEL_VERSION"
+_ANNOTATION = "mlops.io/"
+# What KServe's storage initializer can download.
+STORAGE_SCHEMES = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs", "oci", "hf")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    stable: VersionRef
+    canary: VersionRef | None = None
+    canary_percent: float = 0.0
+    transformer: bool = False
+
+    @property
+    def serving(self) -> VersionRef:
+        """The version the predictor runs (KServe keeps the previous revision for the rest)."""
+        return self.canary or self.stable
+
+
+def check_model_name(model: str) -> None:
+    if not _DNS_LABEL.match(model):
+        raise InvalidInput(f"model name '{model}' is not a valid InferenceService name (lowercase DNS label)")
+
+
+def check_storage_uri(uri: str) -> None:
+    scheme = urlparse(uri).scheme
+    if scheme in ("models", "runs", "mlflow-artifacts"):
+        raise InvalidInput(
+            f"'{uri}': KServe's storage initializer cannot read MLflow URIs; deploy the version's artifact "
+            "location (run MLflow with an S3 artifact root and pass the s3:// URI)"
+        )
+    if scheme not in STORAGE_SCHEMES:
+        raise InvalidInput(
+            f"'{uri}': scheme '{scheme}' is not one KServe can download ({', '.join(STORAGE_SCHEMES)})"
+        )
+
+
+def inference_service(model: str, namespace: str, rollout: Rollout, settings: KServeSettings) -> Any:
+    """The V1beta1InferenceService for a model's rollout state."""
+    from kserve import (
+        V1beta1InferenceService,
+        V1beta1InferenceServiceSpec,
+        V1beta1LoggerSpec,
+        V1beta1ModelFormat,
+        V1beta1ModelSpec,
+        V1beta1PredictorSpec,
+        V1beta1TransformerSpec,
+    )
+    from kubernetes.client import V1Container, V1EnvVar, V1ObjectMeta, V1ResourceRequirements
+
+    check_model_name(model)
+    serving = rollout.serving
+    version_env = [V1EnvVar(name=VERSION_ENV, value=serving.version)]
+    gpus = {"nvidia.com/gpu": str(settings.gpus)} if settings.gpus else {}
+    predictor = V1beta1PredictorSpec(
+        model=V1beta1ModelSpec(
+            name="kserve-container",
+            model_format=V1beta1ModelFormat(name=MODEL_FORMAT),
+            runtime=TENSOR_RUNTIME if rollout.transformer else RUNTIME,
+            storage_uri=serving.uri,
+            env=version_env,
+            resources=V1ResourceRequirements(
+                requests={"cpu": "1", "memory": "2Gi", **gpus}, limits={"cpu": "2", "memory": "4Gi", **gpus}
+            ),
+        ),
+        canary_traffic_percent=_percent(rollout),
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+        service_account_name=settings.service_account,
+        logger=V1beta1LoggerSpec(mode="all", url=settings.logger_url) if settings.logger_url else None,
+    )
+    transformer = None
+    if rollout.transformer:
+        transformer = V1beta1TransformerSpec(
+            containers=[
+                V1Container(
+                    name="kserve-container",
+                    image=settings.image,
+                    command=["python", "-m", "serving.predictor"],
+                    args=["--transformer", "--model_dir=/mnt/models"],
+                    # STORAGE_URI: KServe's storage initializer fetches the version here too (the spec).
+                    env=[V1EnvVar(name="STORAGE_URI", value=serving.uri), *version_env],
+                    resources=V1ResourceRequirements(
+                        requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "1", "memory": "2Gi"}
+                    ),
+                )
+            ],
+            canary_traffic_percent=_percent(rollout),
+            min_replicas=settings.min_replicas,
+            max_replicas=settings.max_replicas,
+            service_account_name=settings.service_account,
+        )
+    annotations = {
+        f"{_ANNOTATION}stable-version": rollout.stable.version,
+        f"{_ANNOTATION}stable-uri": rollout.stable.uri,
+        f"{_ANNOTATION}transformer": str(rollout.transformer).lower(),
+    }
+    if rollout.canary is not None:
+        annotations[f"{_ANNOTATION}canary-version"] = rollout.canary.version
+        annotations[f"{_ANNOTATION}canary-uri"] = rollout.canary.uri
+        annotations[f"{_ANNOTATION}canary-percent"] = f"{rollout.canary_percent:g}"
+    return V1beta1InferenceService(
+        api_version=API_VERSION,
+        kind="InferenceService",
+        metadata=V1ObjectMeta(
+            name=model,
+            namespace=namespace,
+            labels={"app.kubernetes.io/part-of": "mlops", f"{_ANNOTATION}model": model},
+            annotations=annotations,
+        ),
+        spec=V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
+    )
+
+
+def _percent(rollout: Rollout) -> int | None:
+    # KServe takes whole percents; without a canary the field is left out (100 % to the latest).
+    return int(round(rollout.canary_percent)) if rollout.canary is not None else None
+
+
+def serving_runtimes(settings: KServeSettings) -> list[Any]:
+    """The ClusterServingRuntimes the InferenceServices name: with and without the transformer inside."""
+    from kserve import (
+        V1alpha1ClusterServingRuntime,
+        V1alpha1ServingRuntimeSpec,
+        V1alpha1SupportedModelFormat,
+    )
+    from kubernetes.client import V1Container, V1ObjectMeta, V1ResourceRequirements
+
+    runtimes = []
+    for name, extra in ((RUNTIME, []), (TENSOR_RUNTIME, ["--no-transformer"])):
+        container = V1Container(
+            name="kserve-container",
+            image=settings.image,
+            command=["python", "-m", "serving.predictor"],
+            args=["--model_name={{.Name}}", "--model_dir=/mnt/models", "--http_port=8080", *extra],
+            resources=V1ResourceRequirements(
+                requests={"cpu": "1", "memory": "2Gi"}, limits={"cpu": "2", "memory": "4Gi"}
+            ),
+        )
+        runtimes.append(
+            V1alpha1ClusterServingRuntime(
+                api_version="serving.kserve.io/v1alpha1",
+                kind="ClusterServingRuntime",
+                metadata=V1ObjectMeta(name=name, labels={"app.kubernetes.io/part-of": "mlops"}),
+                spec=V1alpha1ServingRuntimeSpec(
+                    supported_model_formats=[
+                        V1alpha1SupportedModelFormat(
+                            name=MODEL_FORMAT, version="1", auto_select=name == RUNTIME
+                        )
+                    ],
+                    protocol_versions=["v1", "v2"],
+                    containers=[container],
+                ),
+            )
+        )
+    return runtimes
+
+
+def to_manifest(obj: Any) -> dict[str, Any]:
+    """The object as the cluster receives it (camelCase keys, no nulls)."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+class KServeTarget:
+    def __init__(
+        self,
+        namespace: str,
+        settings: KServeSettings,
+        client: Any | None = None,
+        has_transformer: Any | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.settings = settings
+        self._client = client
+        self._has_transformer = has_transformer or _version_has_transformer
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from kserve import KServeClient
+
+            try:
+                self._client = KServeClient()
+            except Exception as exc:  # no kubeconfig, no in-cluster config
+                raise BackendUnavailable(
+                    f"cannot reach Kubernetes for namespace '{self.namespace}': {exc}"
+                ) from exc
+        return self._client
+
+    def deploy(self, model: str, version: str, uri: str, role: Role = "canary") -> Deployment:
+        check_model_name(model)
+        check_storage_uri(uri)
+        if role not in ("stable", "canary"):
+            raise InvalidInput(f"role must be stable or canary, got {role!r}")
+        current, _ = self._read(model)
+        ref = VersionRef(str(version), uri)
+        transformer = bool(self._has_transformer(uri))
+        if current is None or role == "stable":
+            rollout = Rollout(stable=ref, transformer=transformer)
+        else:
+            if transformer != current.transformer:
+                raise InvalidInput(
+                    f"model '{model}': version {version} {'has' if transformer else 'lacks'} a transformer spec and the "
+                    "stable one does not match; deploy it as stable instead"
+                )
+            rollout = Rollout(stable=current.stable, canary=ref, canary_percent=0.0, transformer=transformer)
+        return self._apply(model, rollout, exists=current is not None)
+
+    def set_traffic(self, model: str, canary_percent: float, mode: Mode = "split") -> Deployment:
+        if mode != "split":
+            raise InvalidInput(
+                "the kserve target splits traffic only (KServe has no shadow mode); use mode 'split'"
+            )
+        if not 0 <= canary_percent <= 100:
+            raise InvalidInput(f"canary_percent must be between 0 and 100, got {canary_percent}")
+        current = self._require(model)
+        if current.canary is None:
+            raise InvalidInput(f"model '{model}' has no canary to send traffic to; load one first")
+        return self._apply(
+            model, Rollout(current.stable, current.canary, canary_percent, current.transformer)
+        )
+
+    def promote(self, model: str) -> Deployment:
+        current = self._require(model)
+        if current.canary is None:
+            raise InvalidInput(f"model '{model}': there is no canary to promote")
+        return self._apply(model, Rollout(stable=current.canary, transformer=current.transformer))
+
+    def rollback(self, model: str) -> Deployment:
+        current = self._require(model)
+        if current.canary is None:
+            raise InvalidInput(f"model '{model}': there is no canary to roll back")
+        return self._apply(model, Rollout(stable=current.stable, transformer=current.transformer))
+
+    def status(self, model: str) -> Deployment:
+        current, isvc = self._read(model)
+        if current is None:
+            raise ModelNotFound(f"model '{model}' has no InferenceService in namespace '{self.namespace}'")
+        return self._deployment(model, current, isvc)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _require(self, model: str) -> Rollout:
+        current, _ = self._read(model)
+        if current is None:
+            raise ModelNotFound(f"model '{model}' has no InferenceService in namespace '{self.namespace}'")
+        return current
+
+    def _read(self, model: str) -> tuple[Rollout | None, dict[str, Any] | None]:
+        """The rollout recorded on the model's InferenceService (None if there is none), and the object."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            isvc = self.client.get(model, namespace=self.namespace)
+        except RuntimeError as exc:  # the kserve SDK wraps the ApiException
+            cause = exc.__context__
+            if isinstance(cause, ApiException) and cause.status == 404:
+                return None, None
+            raise BackendUnavailable(f"Kubernetes refused reading InferenceService '{model}': {exc}") from exc
+        notes = (isvc.get("metadata") or {}).get("annotations") or {}
+        if f"{_ANNOTATION}stable-uri" not in notes:
+            raise InvalidInput(
+                f"InferenceService '{model}' in '{self.namespace}' was not made by mlops (no annotations)"
+            )
+        canary = None
+        if f"{_ANNOTATION}canary-uri" in notes:
+            canary = VersionRef(notes[f"{_ANNOTATION}canary-version"], notes[f"{_ANNOTATION}canary-uri"])
+        rollout = Rollout(
+            stable=VersionRef(notes[f"{_ANNOTATION}stable-version"], notes[f"{_ANNOTATION}stable-uri"]),
+            canary=canary,
+            canary_percent=float(notes.get(f"{_ANNOTATION}canary-percent", 0)),
+            transformer=notes.get(f"{_ANNOTATION}transformer") == "true",
+        )
+        return rollout, isvc
+
+    def _apply(self, model: str, rollout: Rollout, exists: bool = True) -> Deployment:
+        isvc = inference_service(model, self.namespace, rollout, self.settings)
+        try:
+            if exists:
+                applied = self.client.replace(model, isvc, namespace=self.namespace)
+            else:
+                applied = self.client.create(isvc, namespace=self.namespace)
+        except RuntimeError as exc:
+            raise BackendUnavailable(f"Kubernetes refused InferenceService '{model}': {exc}") from exc
+        return self._deployment(model, rollout, applied)
+
+    def _deployment(self, model: str, rollout: Rollout, isvc: Any) -> Deployment:
+        status = (isvc or {}).get("status") if isinstance(isvc, dict) else None
+        return Deployment(
+            target=f"kserve://{self.namespace}",
+            model=model,
+            stable=rollout.stable,
+            canary=rollout.canary,
+            canary_percent=rollout.canary_percent if rollout.canary else 0.0,
+            mode="split",
+            detail={
+                "inference_service": model,
+                "namespace": self.namespace,
+                "url": (status or {}).get("url"),
+            },
+        )
+
+
+def _version_has_transformer(uri: str) -> bool:
+    """Read the version's MLmodel (downloading it once) to see whether it carries a transformer spec."""
+    import tempfile
+    from pathlib import Path
+
+    from serving.bundle import read_bundle
+    from serving.sources import fetch
+
+    cache = Path(tempfile.gettempdir()) / "mlops-kserve-target"
+    return read_bundle(fetch(uri, cache, tracking_uri="")).transformer is not None
+
+
+def render_manifests(settings: KServeSettings) -> dict[str, str]:
+    """The files of docker/k8s/: the serving runtimes, and an example InferenceService mid-canary."""
+    import yaml
+
+    header = "# Generated by `mlops serve manifests --output-dir docker/k8s` (serving/targets/kserve.py).\n"
+    example = Rollout(
+        stable=VersionRef("1", "s3://mlflow/models/demo-fraud/1"),
+        canary=VersionRef("2", "s3://mlflow/models/demo-fraud/2"),
+        canary_percent=10,
+        transformer=True,
+    )
+    documents = {
+        "cluster-serving-runtimes.yaml": [to_manifest(r) for r in serving_runtimes(settings)],
+        "example-inferenceservice.yaml": [
+            to_manifest(inference_service("demo-fraud", "mlops", example, settings))
+        ],
+    }
+    return {
+        name: header + yaml.safe_dump_all(docs, sort_keys=False, width=100)
+        for name, docs in documents.items()
+    }
