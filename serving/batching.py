@@ -2,7 +2,8 @@
 
 Requests queue on the event loop; one worker thread per version computes. While it computes,
 new requests accumulate, and the next batch takes as many as fit in ``max_rows`` (so a busy
-server batches by itself, and an idle one answers a lone request at once). ``max_wait_ms`` > 0
+server batches by itself, and an idle one answers a lone request at once: on the event loop
+itself when the model computes a lone request in under 5 ms). ``max_wait_ms`` > 0
 also holds a batch open that long for more rows: worth it on a GPU, where a batch of 64 costs
 little more than a batch of 1.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
+INLINE_BELOW_S = 0.005
 Compute = Callable[[Mapping[str, np.ndarray]], Arrays]
 
 
@@ -48,6 +50,9 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{name}")
         self._in_flight = 0
+        # How long the last lone request took to compute: below INLINE_BELOW_S it runs on the
+        # event loop itself, which a cheap model answers faster than through the compute thread.
+        self._lone_compute_s = float("inf")
 
     @property
     def depth(self) -> int:
@@ -95,9 +100,16 @@ class Batcher:
                 continue
             if self._on_batch is not None:
                 self._on_batch(sum(p.rows for p in batch))
+            alone = len(batch) == 1 and self._in_flight == 1
             try:
                 merged = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
-                outputs = await loop.run_in_executor(self._executor, self._compute, merged)
+                began = time.perf_counter()
+                if alone and self._lone_compute_s < INLINE_BELOW_S:
+                    outputs = self._compute(merged)  # nothing else is waiting: skip the thread hop
+                else:
+                    outputs = await loop.run_in_executor(self._executor, self._compute, merged)
+                if alone:
+                    self._lone_compute_s = time.perf_counter() - began
             except Exception as exc:  # the model's failure: every request in the batch gets it
                 for pending in batch:
                     if not pending.future.done():

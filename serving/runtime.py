@@ -42,6 +42,9 @@ class OnnxRuntime:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # A server holds several sessions (stable, canary, other models): idle intra-op threads
+        # that spin steal the CPU from the one that is computing, and from the event loop.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = list(providers or usable_providers())
         try:
             # enable_fallback=0: onnxruntime would print() its fallback notice; we log ours.

@@ -108,12 +108,14 @@ def test_unwritable_state_dir_is_refused(stack_env, tmp_path):
     assert f"state dir '{locked}' (MLOPS_STATE_DIR) is not usable: " in run.error_lines[0]
 
 
-def _fake_venv(root: Path, tool: str, script: str) -> Path:
+def _fake_venv(root: Path, tool: str, script: str, **others: str) -> Path:
+    """An environment whose executables are shell scripts (``others``: more tools, name -> script)."""
     bin_dir = root / "bin"
     bin_dir.mkdir(parents=True)
-    path = bin_dir / tool
-    path.write_text("#!/bin/sh\n" + script + "\n")
-    path.chmod(0o755)
+    for name, body in {tool: script, **others}.items():
+        path = bin_dir / name
+        path.write_text("#!/bin/sh\n" + body + "\n")
+        path.chmod(0o755)
     return root
 
 
@@ -131,7 +133,9 @@ def test_failing_setup_step_reports_its_exit_code_and_log(stack_env, tmp_path):
 
 
 def test_service_that_dies_while_starting_is_named_with_its_log(stack_env, tmp_path):
-    runtime = _fake_venv(tmp_path / "runtime-venv", "mlflow", 'echo "no database driver" >&2; exit 3')
+    runtime = _fake_venv(
+        tmp_path / "runtime-venv", "mlflow", 'echo "no database driver" >&2; exit 3', python="exec sleep 60"
+    )
     airflow = _fake_venv(
         tmp_path / "airflow-venv", "airflow", 'case "$1" in db) exit 0;; *) exec sleep 60;; esac'
     )

@@ -124,3 +124,40 @@ def test_a_lone_request_is_answered(max_wait_ms):
         return result
 
     assert np.all(asyncio.run(main())["y"] == 6)
+
+
+def test_a_lone_cheap_request_skips_the_compute_thread_once_it_is_known_to_be_cheap():
+    compute = Recorder()
+    names = []
+
+    def traced(inputs):
+        names.append(threading.current_thread().name)
+        return compute(inputs)
+
+    async def main():
+        batcher = Batcher(traced, max_rows=64, max_wait_ms=0, name="t")
+        for i in range(3):
+            await batcher.submit(rows(i))
+        batcher.close()
+
+    asyncio.run(main())
+    assert names[0].startswith("compute-t")  # first: measured on the compute thread
+    assert names[1:] == ["MainThread", "MainThread"]
+
+
+def test_a_lone_slow_request_stays_on_the_compute_thread():
+    compute = Recorder(delay_s=0.005)
+    names = []
+
+    def traced(inputs):
+        names.append(threading.current_thread().name)
+        return compute(inputs)
+
+    async def main():
+        batcher = Batcher(traced, max_rows=64, max_wait_ms=0, name="t")
+        for i in range(3):
+            await batcher.submit(rows(i))
+        batcher.close()
+
+    asyncio.run(main())
+    assert all(name.startswith("compute-t") for name in names)

@@ -39,7 +39,9 @@ def test_raw_features_are_explained_by_name_with_the_predicted_label(fraud):
     predicted = fraud.v1_predictions(fraud.compute(inputs))[0]
     assert row["label"] == predicted["label"]
     assert row["prediction"] == pytest.approx(predicted["probabilities"][row["label"]], abs=1e-6)
-    assert sum(row["attributions"].values()) == pytest.approx(row["prediction"] - row["baseline_prediction"], abs=1e-4)
+    assert sum(row["attributions"].values()) == pytest.approx(
+        row["prediction"] - row["baseline_prediction"], abs=1e-4
+    )
 
 
 def test_a_chosen_target_class_is_explained(fraud):
