@@ -119,24 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage between 0 and 100, got {text!r}")
-    return value
+def _number(what: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a number that ``accept`` takes, else an error naming what was expected."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+_percent = _number("a percentage between 0 and 100", lambda v: 0 <= v <= 100)
+_positive_float = _number("a positive number of seconds", lambda v: v > 0)
 
 
 # --- handlers: parse nothing, call the plain function, return (result, exit code) -------------

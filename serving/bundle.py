@@ -1,7 +1,8 @@
 """A model version on disk (an MLflow model directory), read into what the server needs.
 
-``MLmodel`` says which flavor holds the model file (``onnx``: ``model.onnx``; ``pytorch``: a
-TorchScript ``data/model.pth``), its signature, and the version's transformer spec (metadata).
+``MLmodel`` says which flavor holds the model file (``onnx``: ``model.onnx``; ``pytorch``: an
+exported program ``data/model.pt2``, MLflow 3's default, or a TorchScript ``data/model.pth``), its
+signature, and the version's transformer spec (metadata).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from serving.transformer import METADATA_KEY, Transformer
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    flavor: str  # onnx | torchscript
+    flavor: str  # onnx | torch_export | torchscript
     model_file: Path
     sha256: str
     signature: Signature | None  # the MLflow signature, when the version has one
@@ -41,7 +42,11 @@ def read_bundle(path: Path) -> Bundle:
     if "onnx" in flavors:
         flavor, model_file = "onnx", path / flavors["onnx"].get("data", "model.onnx")
     elif "pytorch" in flavors:
-        flavor, model_file = "torchscript", path / flavors["pytorch"].get("model_data", "data") / "model.pth"
+        data = path / flavors["pytorch"].get("model_data", "data")
+        exported = data / "model.pt2"
+        flavor, model_file = (
+            ("torch_export", exported) if exported.is_file() else ("torchscript", data / "model.pth")
+        )
     else:
         raise InvalidInput(
             f"'{path}': no servable flavor (onnx or pytorch) in MLmodel, found {sorted(flavors)}"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,25 +140,25 @@ class Deployments:
         return self.status(name)
 
     async def promote(self, name: str) -> dict[str, Any]:
-        async with self._lock:
-            routing = self.routing(name)
-            try:
-                self._set(name, routing.promoted())
-            except InvalidInput as exc:
-                raise InvalidInput(f"model '{name}': {exc}") from None
-        if routing.stable is not None:
-            self._retire(routing.stable)
-        return self.status(name)
+        """The canary becomes stable; the old stable version retires."""
+        return await self._end_canary(name, Routing.promoted, retire="stable")
 
     async def rollback(self, name: str) -> dict[str, Any]:
+        """The canary retires; stable gets all traffic again."""
+        return await self._end_canary(name, Routing.rolled_back, retire="canary")
+
+    async def _end_canary(
+        self, name: str, transition: Callable[[Routing[Loaded]], Routing[Loaded]], retire: Role
+    ) -> dict[str, Any]:
         async with self._lock:
             routing = self.routing(name)
             try:
-                self._set(name, routing.rolled_back())
+                self._set(name, transition(routing))
             except InvalidInput as exc:
                 raise InvalidInput(f"model '{name}': {exc}") from None
-        assert routing.canary is not None
-        self._retire(routing.canary)
+        retired = getattr(routing, retire)
+        if retired is not None:
+            self._retire(retired)
         return self.status(name)
 
     async def unload(self, name: str) -> dict[str, Any]:

@@ -70,6 +70,12 @@ def status_for(exc: Exception) -> int:
 
 _V1_PREDICT = re.compile(r"^/v1/models/([^/:]+):(predict|explain)$")
 _V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "torchscript": "pytorch_torchscript",
+    "torch_export": "pytorch_exported_program",
+}
+_V2_METADATA = re.compile(r"^/v2/models/([^/]+)$")
 _ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback))?$")
 _JSON = [(b"content-type", b"application/json")]
 
@@ -97,6 +103,8 @@ class Front:
                 return await self._infer(scope, receive, send, match.group(1), None, protocol)
             if method == "POST" and (match := _V2_INFER.match(path)) and not _binary(scope):
                 return await self._infer(scope, receive, send, match.group(1), match.group(2), "v2")
+            if method == "GET" and (match := _V2_METADATA.match(path)):
+                return await self._metadata(send, match.group(1))
             if path.startswith("/admin/"):
                 return await self._admin(scope, receive, send)
         await self.fallback(scope, receive, send)
@@ -157,6 +165,32 @@ class Front:
         metrics.requests(name, answered.version, role, protocol, "200").inc()
         metrics.latency(name, answered.version, role).observe(time.perf_counter() - started)
         await _send(send, 200, response, request_id, answered.version, role)
+
+    async def _metadata(self, send: Send, name: str) -> None:
+        """V2 model metadata, with the versions loaded and the provider that computes."""
+        try:
+            routing = self.deployments.routing(name)
+            answering, _, _ = routing.pick(None, 0.99)
+        except MLOpsError as exc:
+            await _respond(send, status_for(exc), {"error": str(exc)}, "", "", "")
+            return
+        model = answering.model
+        loaded = [v for v in (routing.stable, routing.canary) if v is not None]
+        body = {
+            "name": name,
+            "versions": [v.version for v in loaded],
+            "platform": PLATFORMS[model.bundle.flavor],
+            "inputs": model.get_input_types(),
+            "outputs": model.get_output_types(),
+            "parameters": {
+                "stable_version": routing.stable.version if routing.stable else None,
+                "canary_version": routing.canary.version if routing.canary else None,
+                "canary_percent": routing.canary_percent,
+                "mode": routing.mode,
+                "providers": {v.version: v.model.provider for v in loaded},
+            },
+        }
+        await _respond(send, 200, body, "", "", "")
 
     async def _explain(self, model: Any, inputs: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         """`:explain`: attributions off the event loop (the model runs many rows for one answer)."""

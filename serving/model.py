@@ -20,7 +20,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from mlops.errors import InvalidInput, ModelNotReady
 from serving.bundle import Bundle
-from serving.runtime import OnnxRuntime, Runtime, TorchScriptRuntime
+from serving.runtime import OnnxRuntime, Runtime, TorchRuntime
 from serving.signature import RequestDecoder, Signature, v2_outputs
 
 
@@ -80,15 +80,18 @@ class VersionModel(kserve.Model):
         else:
             if bundle.signature is None:
                 raise ModelNotReady(
-                    f"model '{self.name}' version {self.version}: a TorchScript model needs an MLflow signature"
+                    f"model '{self.name}' version {self.version}: a PyTorch model needs an MLflow signature"
                 )
             inputs = (
                 [bundle.transformer.input]
                 if bundle.transformer
                 else [s.name for s in bundle.signature.inputs]
             )
-            self.runtime = TorchScriptRuntime(
-                bundle.model_file, inputs, [s.name for s in bundle.signature.outputs]
+            self.runtime = TorchRuntime(
+                bundle.model_file,
+                inputs,
+                [s.name for s in bundle.signature.outputs],
+                exported=bundle.flavor == "torch_export",
             )
         declared = self.runtime.declared
         signature = (declared or bundle.signature) if bundle.transformer else (bundle.signature or declared)

@@ -65,19 +65,30 @@ class OnnxRuntime:
         return dict(zip(self._output_names, results, strict=True))
 
 
-class TorchScriptRuntime:
-    """A TorchScript module; outputs are named from the signature (a tensor, tuple or dict)."""
+class TorchRuntime:
+    """A PyTorch exported program (``torch.export``, MLflow's pt2) or TorchScript module.
 
-    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    Outputs are named from the signature (a tensor, tuple or dict). A pickled ``nn.Module`` is
+    refused: loading it would run arbitrary code from the artifact.
+    """
+
+    def __init__(
+        self, path: Path, input_names: Sequence[str], output_names: Sequence[str], exported: bool
+    ) -> None:
         import torch
 
         self._torch = torch
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self._module = torch.jit.load(str(path), map_location=self._device).eval()
+            if exported:
+                self._module = torch.export.load(str(path)).module().to(self._device)
+            else:
+                self._module = torch.jit.load(str(path), map_location=self._device).eval()
         except RuntimeError as exc:
+            kind = "an exported program" if exported else "a TorchScript module"
             raise ModelNotReady(
-                f"'{path}' is not a TorchScript module ({exc.__class__.__name__}); log a scripted or traced model"
+                f"'{path}' is not {kind} ({exc.__class__.__name__}); log the model with serialization_format='pt2'"
+                " or as a scripted module"
             ) from exc
         self.provider = f"torch:{self._device}"
         self.declared = None

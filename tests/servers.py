@@ -60,7 +60,20 @@ def start(
 
 
 @contextlib.contextmanager
-def model_server(state_dir: Path, token: str = "test-token", **settings: str) -> Iterator[Server]:
+def running(
+    argv: list[str], env: dict[str, str], log: Path, port: int, ready_path: str, timeout_s: float = 90
+) -> Iterator[Server]:
+    """A server for the length of a ``with`` block."""
+    server = start(argv, env, log, port, ready_path, timeout_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def model_server(
+    state_dir: Path, token: str = "test-token", **settings: str
+) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     env = mlops_env(
         MLOPS_STATE_DIR=str(state_dir),
@@ -69,43 +82,25 @@ def model_server(state_dir: Path, token: str = "test-token", **settings: str) ->
         **settings,
     )
     env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
-    server = start(
+    return running(
         [sys.executable, "-m", "serving"], env, state_dir / "serving.log", port, "/v2/health/ready"
     )
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
-@contextlib.contextmanager
-def moto_server(tmp: Path) -> Iterator[Server]:
+def moto_server(tmp: Path) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
-    server = start(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        mlops_env(), tmp / "moto.log", port, "/moto-api/",
-    )  # fmt: skip
-    try:
-        yield server
-    finally:
-        server.stop()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return running(argv, mlops_env(), tmp / "moto.log", port, "/moto-api/")
 
 
-@contextlib.contextmanager
-def mlflow_server(tmp: Path) -> Iterator[Server]:
+def mlflow_server(tmp: Path) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
-    bin_dir = Path(sys.executable).parent
-    server = start(
-        [
-            str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-        ],
-        mlops_env(), tmp / "mlflow.log", port, "/health", timeout_s=180,
-    )  # fmt: skip
-    try:
-        yield server
-    finally:
-        server.stop()
+    argv = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp / "artifacts"),
+    ]  # fmt: skip
+    return running(argv, mlops_env(), tmp / "mlflow.log", port, "/health", timeout_s=180)
 
 
 class Admin:

@@ -114,24 +114,26 @@ def _mlflow(settings: Settings) -> Component:
         name="mlflow",
         url=settings.mlflow_url,
         services=(service,),
-        probe=_mlflow_probe(settings.mlflow_url),
+        # The REST API itself, not just the liveness route: the registry's database is up.
+        probe=_http_probe(
+            "mlflow", settings.mlflow_url, "/health", "/api/2.0/mlflow/experiments/search?max_results=1"
+        ),
         health_timeout_s=settings.mlflow.health_timeout_s,
     )
 
 
-def _mlflow_probe(url: str) -> Probe:
+def _http_probe(service: str, url: str, *paths: str) -> Probe:
+    """Healthy when every path answers 200 (a liveness route, then a real API call, say)."""
+
     def probe(client: httpx.Client) -> dict[str, str]:
-        try:
-            health = client.get(f"{url}/health")
-            if health.status_code != 200:
-                return {"mlflow": f"/health answered {health.status_code}"}
-            # The REST API itself, not just the liveness route: the registry's database is up.
-            api = client.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1})
-            if api.status_code != 200:
-                return {"mlflow": f"REST API answered {api.status_code}"}
-        except httpx.HTTPError as exc:
-            return {"mlflow": f"not answering ({type(exc).__name__})"}
-        return {"mlflow": HEALTHY}
+        for path in paths:
+            try:
+                response = client.get(f"{url}{path}")
+            except httpx.HTTPError as exc:
+                return {service: f"not answering ({type(exc).__name__})"}
+            if response.status_code != 200:
+                return {service: f"{path} answered {response.status_code}"}
+        return {service: HEALTHY}
 
     return probe
 
@@ -296,19 +298,6 @@ def _serving(settings: Settings) -> Component:
         name="serving",
         url=settings.serving_url,
         services=(service,),
-        probe=_serving_probe(settings.serving_url),
+        probe=_http_probe("serving", settings.serving_url, "/v2/health/ready"),
         health_timeout_s=settings.serving.health_timeout_s,
     )
-
-
-def _serving_probe(url: str) -> Probe:
-    def probe(client: httpx.Client) -> dict[str, str]:
-        try:
-            response = client.get(f"{url}/v2/health/ready")
-        except httpx.HTTPError as exc:
-            return {"serving": f"not answering ({type(exc).__name__})"}
-        if response.status_code != 200:
-            return {"serving": f"/v2/health/ready answered {response.status_code}"}
-        return {"serving": HEALTHY}
-
-    return probe

@@ -90,6 +90,9 @@ def test_kserve_endpoints_report_health_metadata_and_metrics(admin, http, models
     assert http.get("/v2/models/meta/ready").status_code == 200
     metadata = http.get("/v2/models/meta").json()
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 16]}]
+    assert (metadata["platform"], metadata["versions"]) == ("onnxruntime_onnx", ["1"])
+    assert metadata["parameters"]["providers"] == {"1": "CPUExecutionProvider"}
+    assert http.get("/v2/models/nothing-here").status_code == 404
     v1(http, "meta", [ROW])
     metrics = http.get("/metrics").text
     assert 'mlops_requests_total{code="200",model="meta",protocol="v1",role="stable",version="1"}' in metrics

@@ -20,7 +20,8 @@ class Recorder:
         self.threads: set[str] = set()
 
     def __call__(self, inputs):
-        self.threads.add(threading.current_thread().name)
+        self.last_thread = threading.current_thread().name
+        self.threads.add(self.last_thread)
         self.batches.append(len(inputs["x"]))
         time.sleep(self.delay_s)
         if self.fail:
@@ -126,38 +127,27 @@ def test_a_lone_request_is_answered(max_wait_ms):
     assert np.all(asyncio.run(main())["y"] == 6)
 
 
-def test_a_lone_cheap_request_skips_the_compute_thread_once_it_is_known_to_be_cheap():
-    compute = Recorder()
-    names = []
-
-    def traced(inputs):
-        names.append(threading.current_thread().name)
-        return compute(inputs)
+def threads_of_lone_requests(compute: Recorder, count: int = 3) -> list[str]:
+    """The thread each of ``count`` requests, sent one after the other, was computed on."""
 
     async def main():
-        batcher = Batcher(traced, max_rows=64, max_wait_ms=0, name="t")
-        for i in range(3):
+        batcher = Batcher(compute, max_rows=64, max_wait_ms=0, name="t")
+        names = []
+        for i in range(count):
             await batcher.submit(rows(i))
+            names.append(compute.last_thread)
         batcher.close()
+        return names
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_lone_cheap_request_skips_the_compute_thread_once_it_is_known_to_be_cheap():
+    names = threads_of_lone_requests(Recorder())
     assert names[0].startswith("compute-t")  # first: measured on the compute thread
     assert names[1:] == ["MainThread", "MainThread"]
 
 
 def test_a_lone_slow_request_stays_on_the_compute_thread():
-    compute = Recorder(delay_s=0.005)
-    names = []
-
-    def traced(inputs):
-        names.append(threading.current_thread().name)
-        return compute(inputs)
-
-    async def main():
-        batcher = Batcher(traced, max_rows=64, max_wait_ms=0, name="t")
-        for i in range(3):
-            await batcher.submit(rows(i))
-        batcher.close()
-
-    asyncio.run(main())
+    names = threads_of_lone_requests(Recorder(delay_s=0.006))
     assert all(name.startswith("compute-t") for name in names)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+import mlflow.pytorch
 import numpy as np
 import pytest
+import torch
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 
-from mlops.errors import ModelNotFound, ModelNotReady
+from mlops.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.bundle import read_bundle
 from serving.model import VersionModel
 
@@ -70,3 +74,43 @@ def test_a_corrupt_model_file_fails_at_load_not_at_request(mlp_dir, tmp_path):
     (broken / "model.onnx").write_bytes(b"not an onnx graph")
     with pytest.raises(ModelNotReady, match="cannot load"):
         VersionModel("mlp", "2", read_bundle(broken)).load()
+
+
+class Scorer(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x[:, :2] * 2.0, dim=1)
+
+
+SIGNATURE = ModelSignature(
+    Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "features")]),
+    Schema([TensorSpec(np.dtype(np.float32), (-1, 2), "scores")]),
+)
+
+
+@pytest.mark.parametrize(
+    "fmt, flavor, module",
+    [("pickle", "torchscript", lambda: torch.jit.script(Scorer())), ("pt2", "torch_export", Scorer)],
+)
+def test_a_pytorch_version_serves_through_its_signature(tmp_path, fmt, flavor, module):
+    example = np.asarray([[1.0, 0.0, 5.0, 5.0], [0.0, 1.0, 0.0, 0.0]], dtype=np.float32)
+    mlflow.pytorch.save_model(
+        module(), str(tmp_path / "torch"), signature=SIGNATURE, serialization_format=fmt,
+        input_example=example if fmt == "pt2" else None,
+    )  # fmt: skip
+    model = VersionModel("torchy", "1", read_bundle(tmp_path / "torch"))
+    model.load()
+    assert model.bundle.flavor == flavor
+    assert model.provider in ("torch:cpu", "torch:cuda")
+    outputs = model.compute(model.decoder.v1({"instances": [[1.0, 0.0, 5.0, 5.0]] * 3}))
+    expected = torch.softmax(torch.tensor([[2.0, 0.0]] * 3), dim=1).numpy()
+    assert outputs["scores"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(InvalidInput, match="expected shape"):
+        model.decoder.v1({"instances": [{"features": [1.0, 0.0]}]})
+
+
+def test_a_pickled_pytorch_module_is_refused_with_the_reason(tmp_path):
+    mlflow.pytorch.save_model(
+        torch.nn.Linear(4, 2), str(tmp_path / "pickled"), signature=SIGNATURE, serialization_format="pickle"
+    )
+    with pytest.raises(ModelNotReady, match="is not a TorchScript module"):
+        VersionModel("pickled", "1", read_bundle(tmp_path / "pickled")).load()
