@@ -89,6 +89,26 @@ class ServingSettings(_Section):
     )
 
 
+class LogsSettings(_Section):
+    """The inference log: where every prediction goes, and how the model server writes it."""
+
+    store: str | None = Field(
+        None, description="sqlite:///path, elasticsearch://host:9200 or opensearch://host:9200 (+https)"
+    )
+    enabled: bool = Field(True, description="log every prediction (off only for measurements)")
+    index_prefix: str = Field("mlops-inference", description="search stores: index name prefix")
+    retention_days: int = Field(30, ge=1, description="events older than this are dropped (ILM/ISM, prune)")
+    username: str | None = Field(None, description="search stores: basic auth user")
+    password: SecretStr | None = Field(None, description="search stores: basic auth password")
+    api_key: SecretStr | None = Field(None, description="search stores: API key")
+    verify_certs: bool = Field(True, description="search stores over https: check the certificate")
+    queue_events: int = Field(
+        100_000, ge=100, description="records the request path may queue for the writer"
+    )
+    batch_events: int = Field(500, ge=1, description="events per store write")
+    flush_ms: float = Field(200.0, gt=0, description="longest an event waits in memory before a write")
+
+
 class KServeSettings(_Section):
     """The Kubernetes target (kserve://<namespace>): how InferenceServices are built."""
 
@@ -121,6 +141,7 @@ class Settings(BaseSettings):
     airflow: AirflowSettings = AirflowSettings()
     serving: ServingSettings = ServingSettings()
     kserve: KServeSettings = KServeSettings()
+    logs: LogsSettings = LogsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -150,6 +171,22 @@ class Settings(BaseSettings):
     @property
     def deployment_target(self) -> str:
         return self.serving.target or self.serving_url
+
+    @property
+    def log_store_url(self) -> str:
+        return self.logs.store or f"sqlite:///{self.state_dir / 'logs' / 'inference.db'}"
+
+    def log_store_options(self) -> dict[str, Any]:
+        """What a search store needs besides its URL (secrets from the environment)."""
+        logs = self.logs
+        return {
+            "index_prefix": logs.index_prefix,
+            "retention_days": logs.retention_days,
+            "username": logs.username,
+            "password": logs.password.get_secret_value() if logs.password else None,
+            "api_key": logs.api_key.get_secret_value() if logs.api_key else None,
+            "verify_certs": logs.verify_certs,
+        }
 
     @property
     def serving_dir(self) -> Path:

@@ -95,6 +95,7 @@ class Deployments:
         self._routing: dict[str, Routing[Loaded]] = {}
         self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
         self._repository = repository
+        self.restored = False  # until the saved deployments are back, the server is not ready
 
     def attach(self, repository: kserve.model_repository.ModelRepository) -> None:
         """Show the deployed models to kserve's own endpoints (readiness, metadata)."""
@@ -189,6 +190,12 @@ class Deployments:
 
     async def restore(self) -> None:
         """Load what the state file says was deployed (called once, at start)."""
+        try:
+            await self._restore()
+        finally:
+            self.restored = True
+
+    async def _restore(self) -> None:
         if not self.state_file.exists():
             return
         try:

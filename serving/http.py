@@ -26,10 +26,12 @@ from typing import Any
 import orjson
 
 from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from monitoring.events import Feedback
 from serving import metrics
 from serving.auth import token_matches
 from serving.deployments import Deployments, Loaded
 from serving.explain import explain
+from serving.logger import InferenceLogger, Record
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,10 @@ class Front:
         deployments: Deployments,
         admin_token: str | None,
         max_body_bytes: int,
+        logger: InferenceLogger | None = None,
     ) -> None:
         self.fallback = fallback
+        self.logger = logger
         self.deployments = deployments
         self.admin_token = admin_token
         self.max_body_bytes = max_body_bytes
@@ -103,8 +107,15 @@ class Front:
                 return await self._infer(scope, receive, send, match.group(1), None, protocol)
             if method == "POST" and (match := _V2_INFER.match(path)) and not _binary(scope):
                 return await self._infer(scope, receive, send, match.group(1), match.group(2), "v2")
+            if path == "/v2/health/ready" and not self.deployments.restored:
+                # kserve would say ready with no model registered yet: not before the saved ones are back.
+                return await _respond(
+                    send, 503, {"ready": False, "reason": "restoring deployments"}, "", "", ""
+                )
             if method == "GET" and (match := _V2_METADATA.match(path)):
                 return await self._metadata(send, match.group(1))
+            if method == "POST" and path == "/v1/feedback":
+                return await self._feedback(scope, receive, send)
             if path.startswith("/admin/"):
                 return await self._admin(scope, receive, send)
         await self.fallback(scope, receive, send)
@@ -146,9 +157,15 @@ class Front:
                 payload = model.v2_body(outputs, body.get("id") or request_id)
             else:
                 outputs = await answered.batcher.submit(inputs)
-                payload = {"predictions": model.v1_predictions(outputs), "model_version": model.version}
+                payload = {
+                    "predictions": model.v1_predictions(outputs),
+                    "model_version": model.version,
+                    "request_id": request_id,
+                }
             if shadow is not None:
-                self._mirror(shadow, inputs)
+                self._mirror(shadow, inputs, request_id)
+            if self.logger is not None and protocol != "explain":
+                self._log(answered, role, request_id, started, inputs, outputs)
             response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
         except Exception as exc:
             code = status_for(exc)
@@ -158,6 +175,8 @@ class Front:
             version = answered.version if answered else ""
             if answered is not None:
                 metrics.requests(name, version, role, protocol, str(code)).inc()
+                if self.logger is not None and protocol != "explain":
+                    self._log(answered, role, request_id, started, {}, {}, error=_message(exc, code))
             await _respond(
                 send, code, {"error": _message(exc, code)}, request_id, version, role if answered else ""
             )
@@ -165,6 +184,24 @@ class Front:
         metrics.requests(name, answered.version, role, protocol, "200").inc()
         metrics.latency(name, answered.version, role).observe(time.perf_counter() - started)
         await _send(send, 200, response, request_id, answered.version, role)
+
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ground-truth labels, later: ``{"request_id": ..., "labels": [one per row]}`` (or ``"label"``)."""
+        headers = dict(scope["headers"])
+        try:
+            if self.logger is None:
+                raise AdminDisabled(
+                    "the inference log is off here (MLOPS_LOGS__ENABLED=false): no labels to join"
+                )
+            body = _parse(await self._read_body(scope, receive, headers))
+            items = _feedback_items(body)
+            if not self.logger.feedback(items):
+                raise BackendUnavailable("the inference log is saturated; retry shortly")
+        except Exception as exc:
+            code = status_for(exc)
+            await _respond(send, code, {"error": _message(exc, code)}, "", "", "")
+            return
+        await _respond(send, 202, {"accepted": len(items)}, "", "", "")
 
     async def _metadata(self, send: Send, name: str) -> None:
         """V2 model metadata, with the versions loaded and the provider that computes."""
@@ -209,14 +246,45 @@ class Front:
         )
         return {**result, "model_version": model.version}
 
-    def _mirror(self, shadow: Loaded, inputs: dict[str, Any]) -> None:
-        """Shadow mode: the canary computes the same inputs; its answer is not returned."""
+    def _log(
+        self,
+        answered: Loaded,
+        role: str,
+        request_id: str,
+        started: float,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any],
+        error: str | None = None,
+    ) -> None:
+        assert self.logger is not None
+        self.logger.log(
+            Record(
+                model=answered.model.name,
+                version=answered.version,
+                role=role,
+                request_id=request_id,
+                event_id=uuid.uuid4().hex,
+                ts_ms=time.time_ns() // 1_000_000,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                inputs=inputs,
+                outputs=outputs,
+                status="ok" if error is None else "error",
+                error=error,
+            )
+        )
+
+    def _mirror(self, shadow: Loaded, inputs: dict[str, Any], request_id: str) -> None:
+        """Shadow mode: the canary computes the same inputs; its answer is logged, not returned."""
 
         async def run() -> None:
+            started = time.perf_counter()
             try:
-                await shadow.batcher.submit(inputs)
+                outputs = await shadow.batcher.submit(inputs)
             except Exception:
                 metrics.SHADOW_FAILURES.labels(shadow.model.name, shadow.version).inc()
+                return
+            if self.logger is not None:
+                self._log(shadow, "shadow", request_id, started, inputs, outputs)
 
         task = asyncio.get_running_loop().create_task(run())
         self._shadow_tasks.add(task)
@@ -291,6 +359,23 @@ class Front:
         elif action == "rollback" and method == "POST":
             return await deployments.rollback(name)
         raise ModelNotFound(f"no admin route {method} for {'/'.join(p for p in (name, action) if p)}")
+
+
+def _feedback_items(body: Any) -> list[Feedback]:
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    request_id = _field(body, "request_id", str)
+    if "labels" in body:
+        labels = body["labels"]
+        if not isinstance(labels, list) or not labels:
+            raise InvalidInput(f"field 'labels' must be a non-empty list (one label per row), got {labels!r}")
+    elif "label" in body:
+        labels = [body["label"]]
+    else:
+        raise InvalidInput("field 'labels' (one per row) or 'label' is required")
+    if any(label is None for label in labels):
+        raise InvalidInput("a label must not be null")
+    return [Feedback(request_id, row, label) for row, label in enumerate(labels)]
 
 
 def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:

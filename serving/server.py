@@ -27,8 +27,10 @@ def run_model_server(
     wrap: Callable[[ASGIApp], ASGIApp] | None = None,
     predictor_config: Any | None = None,
     on_start: Callable[[Any], Awaitable[None]] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT. ``on_start(model_repository)`` runs as a task once the loop runs."""
+    """Serve until SIGTERM/SIGINT. ``on_start(model_repository)`` runs as a task once the loop runs;
+    ``on_stop()`` once the server has stopped answering (to drain what it buffered)."""
     # kserve parses sys.argv when imported: a flag of ours with the same name would silently change
     # its defaults. Everything it needs is passed explicitly below.
     sys.argv = sys.argv[:1]
@@ -67,9 +69,13 @@ def run_model_server(
                 started = None
                 if on_start is not None:
                     started = asyncio.get_running_loop().create_task(on_start(self.registered_models))
-                await rest.start()
-                if started is not None:
-                    started.cancel()
+                try:
+                    await rest.start()
+                finally:
+                    if started is not None:
+                        started.cancel()
+                    if on_stop is not None:
+                        on_stop()
 
             asyncio.run(main())
 
@@ -92,9 +98,10 @@ def serve(settings: Settings) -> None:
 
     token = admin_token(settings)
     holder: dict[str, Deployments] = {}
+    logger = inference_logger(settings) if settings.logs.enabled else None
 
     def wrap(app: ASGIApp) -> ASGIApp:
-        return Front(app, holder["deployments"], token, settings.serving.max_body_bytes)
+        return Front(app, holder["deployments"], token, settings.serving.max_body_bytes, logger)
 
     async def on_start(repository: Any) -> None:
         deployments = holder["deployments"]
@@ -108,7 +115,26 @@ def serve(settings: Settings) -> None:
         settings.serving.port,
         holder["deployments"].state_file,
     )
-    run_model_server(settings.serving.port, settings.host, wrap=wrap, on_start=on_start)
+    run_model_server(
+        settings.serving.port,
+        settings.host,
+        wrap=wrap,
+        on_start=on_start,
+        on_stop=logger.close if logger else None,
+    )
+
+
+def inference_logger(settings: Settings) -> Any:
+    """The logger to the configured store, spooling under the state dir when it is away."""
+    from monitoring.logstore import get_log_store
+    from serving.logger import InferenceLogger
+
+    logs = settings.logs
+    store = get_log_store(settings.log_store_url, **settings.log_store_options())
+    logging.getLogger("serving").info("inference log: %s", settings.log_store_url)
+    return InferenceLogger(
+        store, settings.serving_dir / "spool", logs.queue_events, logs.batch_events, logs.flush_ms
+    )
 
 
 def main() -> int:

@@ -132,3 +132,12 @@ class Admin:
     def _ok(response: httpx.Response) -> dict:
         assert response.status_code == 200, response.text
         return response.json()
+
+
+def osmem_server(tmp: Path) -> contextlib.AbstractContextManager[Server]:
+    """osmem-server (PyPI): an in-memory server speaking the OpenSearch REST API."""
+    from osmem_server import resolve_binary
+
+    port = free_port()
+    argv = [resolve_binary(), "--addr", f"127.0.0.1:{port}", "--no-stdin-watch", "--no-ja"]
+    return running(argv, mlops_env(), tmp / "osmem.log", port, "/")

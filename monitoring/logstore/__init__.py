@@ -1,0 +1,154 @@
+"""Where inference events live: one interface, backends chosen by URL.
+
+URLs may end in ``?timeout_ms=N``: how long one request may take before the store counts as away
+(and the model server's logger spools).
+
+- ``sqlite:///path/to/inference.db``: the embedded default. SQLite in WAL mode: one process
+  writes (the model server) while others read (Airflow tasks, ``mlops logs``), and a committed
+  batch survives a crash of the writer.
+- ``elasticsearch://host:9200`` (``elasticsearch+https://``): Elasticsearch 8/9 with the official
+  ``elasticsearch`` client: index template with explicit mappings, ILM retention, daily indices.
+- ``opensearch://host:9200`` (``opensearch+https://``): the OpenSearch flavour through
+  ``opensearch-py``; same mappings and queries (monitoring/logstore/search.py builds them once).
+
+Backends are imported when a store is built, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlparse
+
+from mlops.errors import ConfigError
+from monitoring.events import Feedback, InferenceEvent, Labelled
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: int  # new events stored
+    duplicates: int  # already stored (a replay): kept as they were
+    rejected: list[str]  # event ids the store refused, with the reason
+
+
+@dataclass
+class ReadStats:
+    """What a read skipped: a malformed record never stops a reader."""
+
+    malformed: int = 0
+
+
+class LogStore(Protocol):
+    """The inference log.
+
+    Events are keyed by ``event_id``: writing an id that is already stored keeps the stored event
+    and counts a duplicate, so a batch replayed after an outage never doubles anything. A write
+    either stores the whole batch (but for ids the store rejects, reported one by one) or raises
+    ``BackendUnavailable`` having stored nothing the caller must not write again.
+
+    Reads select one model's events in the half-open window ``[start_ms, end_ms)`` (epoch ms),
+    optionally one version and one role, in (ts_ms, event_id) order, and page through any number
+    of them. A stored record that cannot be parsed is skipped and counted in ``stats``.
+    """
+
+    url: str
+
+    def write(self, events: Sequence[InferenceEvent]) -> WriteResult: ...
+
+    def write_feedback(self, feedback: Sequence[Feedback]) -> int:
+        """Store labels (the last label for a (request_id, row) wins); returns how many."""
+        ...
+
+    def query(
+        self,
+        model: str,
+        start_ms: int,
+        end_ms: int,
+        version: str | None = None,
+        role: str | None = None,
+        stats: ReadStats | None = None,
+    ) -> Iterator[InferenceEvent]: ...
+
+    def count(
+        self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None
+    ) -> int: ...
+
+    def labelled(
+        self,
+        model: str,
+        start_ms: int,
+        end_ms: int,
+        version: str | None = None,
+        stats: ReadStats | None = None,
+    ) -> Iterator[Labelled]:
+        """The window's events, each with its label if one came back."""
+        ...
+
+    def models(self) -> list[str]:
+        """The models that have events."""
+        ...
+
+    def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
+        """The newest events (of one model, or all), newest last."""
+        ...
+
+    def prune(self, older_than_ms: int) -> int:
+        """Drop events older than this (retention); returns how many (or indices) went."""
+        ...
+
+    def refresh(self) -> None:
+        """Make what was written visible to reads now (search servers refresh every second)."""
+        ...
+
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless the store answers."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _sqlite(url: str, options: dict[str, Any]) -> LogStore:
+    from monitoring.logstore.sqlite import SqliteLogStore
+
+    return SqliteLogStore(url)
+
+
+def _search(url: str, options: dict[str, Any]) -> LogStore:
+    from monitoring.logstore.search import search_log_store
+
+    return search_log_store(url, **options)
+
+
+_BUILDERS: dict[str, Callable[[str, dict[str, Any]], LogStore]] = {
+    "sqlite": _sqlite,
+    "elasticsearch": _search,
+    "elasticsearch+http": _search,
+    "elasticsearch+https": _search,
+    "opensearch": _search,
+    "opensearch+http": _search,
+    "opensearch+https": _search,
+}
+
+
+def get_log_store(url: str, **options: Any) -> LogStore:
+    """The store at ``url``; options (index prefix, credentials, ...) go to search backends."""
+    scheme = urlparse(url).scheme
+    builder = _BUILDERS.get(scheme)
+    if builder is None:
+        raise ConfigError(f"log store '{url}': scheme '{scheme}' is not one of {', '.join(_BUILDERS)}")
+    return builder(url, options)
+
+
+def timeout_ms(url: str, default: int) -> int:
+    """A store URL's ``?timeout_ms=`` (how long one request may take before the store is away)."""
+    values = parse_qs(urlparse(url).query).get("timeout_ms")
+    if not values:
+        return default
+    try:
+        value = int(values[0])
+    except ValueError:
+        raise ConfigError(f"log store '{url}': timeout_ms must be an integer, got {values[0]!r}") from None
+    if value <= 0:
+        raise ConfigError(f"log store '{url}': timeout_ms must be positive")
+    return value

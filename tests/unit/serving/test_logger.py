@@ -1,0 +1,138 @@
+"""The inference logger against a store that goes away: spool, replay in order, nothing lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from mlops.errors import BackendUnavailable
+from monitoring.events import Feedback
+from monitoring.logstore import WriteResult
+from serving.logger import InferenceLogger, Record, Spool, expand
+
+
+class FlakyStore:
+    """A LogStore in memory that can be switched off (it then refuses every write)."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self.events: dict[str, object] = {}
+        self.order: list[str] = []
+        self.labels: dict[str, object] = {}
+        self.up = threading.Event()
+        self.up.set()
+        self.closed = False
+
+    def write(self, events):
+        if not self.up.is_set():
+            raise BackendUnavailable("store is down")
+        written = 0
+        for event in events:
+            if event.event_id not in self.events:
+                self.events[event.event_id] = event
+                self.order.append(event.event_id)
+                written += 1
+        return WriteResult(written, len(events) - written, [])
+
+    def write_feedback(self, feedback):
+        if not self.up.is_set():
+            raise BackendUnavailable("store is down")
+        self.labels.update({f.key: f.label for f in feedback})
+        return len(feedback)
+
+    def close(self):
+        self.closed = True
+
+
+def record(i: int, rows: int = 2) -> Record:
+    return Record(
+        model="fraud", version="1", role="stable", request_id=f"req-{i}", event_id=f"{i:06d}", ts_ms=1_000 + i,
+        latency_ms=0.4, inputs={"amount": np.arange(rows, dtype=np.float64) + i, "country": np.asarray(["DE"] * rows, dtype=object)},
+        outputs={"label": np.asarray(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5, np.float32)},
+    )  # fmt: skip
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_record_becomes_one_event_per_row_with_plain_values():
+    events = expand(record(7, rows=3))
+    assert [e.event_id for e in events] == ["000007-0", "000007-1", "000007-2"]
+    assert events[1].inputs == {"amount": 8.0, "country": "DE"}
+    assert events[1].outputs == {"label": "legit", "probabilities": [0.5, 0.5]}
+    assert {e.request_id for e in events} == {"req-7"} and [e.row for e in events] == [0, 1, 2]
+
+
+def test_a_failed_request_is_one_error_event():
+    failed = Record("fraud", "1", "stable", "r", "e", 1, 2.0, {}, {}, status="error", error="boom")
+    (event,) = expand(failed)
+    assert (event.status, event.error, event.inputs) == ("error", "boom", {})
+
+
+def test_an_outage_spools_and_everything_arrives_in_order_after_it(tmp_path):
+    store = FlakyStore()
+    logger = InferenceLogger(store, tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
+    for i in range(50):
+        logger.log(record(i))
+    wait_until(lambda: len(store.events) == 100)
+    store.up.clear()
+    for i in range(50, 120):
+        logger.log(record(i))
+    wait_until(lambda: logger.spool.events == 140)
+    assert len(store.events) == 100
+    store.up.set()
+    wait_until(lambda: len(store.events) == 240)
+    logger.close()
+    assert store.order == sorted(store.order)  # replayed oldest first, new ones behind
+    assert logger.spool.events == 0 and not logger.spool.files()
+
+
+def test_a_clean_stop_drains_the_queue_to_the_spool_and_the_next_logger_replays_it(tmp_path):
+    store = FlakyStore()
+    store.up.clear()
+    first = InferenceLogger(store, tmp_path / "spool", batch_events=1000, flush_ms=5000)
+    for i in range(30):
+        first.log(record(i))
+    first.feedback([Feedback("req-3", 1, "fraud")])
+    first.close()
+    assert store.closed and len(store.events) == 0
+    assert sum(1 for _ in (tmp_path / "spool").glob("spool-*.jsonl")) >= 1
+
+    store.up.set()
+    second = InferenceLogger(FlakyStore(), tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
+    wait_until(lambda: len(second.store.events) == 60)
+    wait_until(lambda: second.store.labels == {"req-3:1": "fraud"})
+    second.close()
+
+
+def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.append(expand(record(1)), [])
+    with spool.files()[0].open("ab") as handle:
+        handle.write(b'{"e": {"event_id": "half')  # the crash
+    replayed = []
+    spool.replay(lambda events, feedback: replayed.extend(events), chunk=100)
+    assert [e.event_id for e in replayed] == ["000001-0", "000001-1"]
+    assert not spool.files()
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
+    from serving.logger import DROPPED
+
+    store = FlakyStore()
+    logger = InferenceLogger(store, tmp_path / "spool", queue_events=100, batch_events=10, flush_ms=10_000)
+    logger._queue.put(None)  # park the writer: it stops taking records
+    logger._thread.join(5)
+    before = DROPPED._value.get()
+    began = time.perf_counter()
+    for i in range(150):
+        logger.log(record(i))
+    assert time.perf_counter() - began < 0.5
+    assert DROPPED._value.get() - before == 2 * 50
