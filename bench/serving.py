@@ -6,7 +6,8 @@ measured in the same run:
 - ``plain``: kserve.ModelServer with its defaults around one ONNX Runtime session (no extras);
 - ``floor``: Starlette + uvicorn + orjson around the same session (no validation, nothing else);
 - ``ours``: ``python -m serving`` with a stable and a canary version (10 % split), validation
-  against the signature, metrics and dynamic batching on;
+  against the signature, metrics, dynamic batching and the inference log (embedded store) on;
+- ``ours-nolog``: the same with the inference log off, to show what logging costs;
 
 for a small MLP (16 features) and a compute-heavy wide MLP, at concurrency 1, 16 and 64, driven by
 wrk (a C load generator: a Python client would be the bottleneck on a 2-core machine). Also the
@@ -152,20 +153,21 @@ def bench_model(name: str, duration_s: int, work: Path, progress) -> tuple[list[
         "/health",
         None,
     )
-    port = free_port()
-    state = work / f"{name}-state"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
-        "MLOPS_STATE_DIR": str(state),
-        "MLOPS_SERVING__PORT": str(port),
-        "MLOPS_SERVING__ADMIN_TOKEN": "bench",
-    }
-    servers["ours"] = ([python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env)
+    for server, logging_on in (("ours", "true"), ("ours-nolog", "false")):
+        port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
+            "MLOPS_STATE_DIR": str(work / f"{name}-{server}-state"),
+            "MLOPS_SERVING__PORT": str(port),
+            "MLOPS_SERVING__ADMIN_TOKEN": "bench",
+            "MLOPS_LOGS__ENABLED": logging_on,  # every prediction to the embedded log store
+        }
+        servers[server] = ([python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env)
 
     measures = []
     for server, (argv, url, ready, server_env) in servers.items():
         with process(argv, url + ready, work / f"{name}-{server}.log", server_env):
-            if server == "ours":
+            if server.startswith("ours"):
                 admin = httpx.Client(
                     base_url=f"{url}/admin/v1/models", headers={"Authorization": "Bearer bench"}, timeout=60
                 )
@@ -212,6 +214,12 @@ def report(measures: list[Measure], raw: dict[str, dict]) -> str:
                 f"| {m.server} | {m.concurrency} | {m.rps:,.0f} | {m.p50_ms:.3f} | {m.p99_ms:.2f} | {m.errors} "
                 f"| {m.rps / plain.rps:.2f}x | {m.rps / floor.rps:.2f}x | {m.p50_ms / plain.p50_ms:.2f}x |"
             )
+        for concurrency in CONCURRENCY:
+            on, off = by.get(("ours", concurrency)), by.get(("ours-nolog", concurrency))
+            if on and off:
+                lines.append(
+                    f"logging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={concurrency}"
+                )
     return "\n".join(lines)
 
 

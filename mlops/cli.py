@@ -26,6 +26,8 @@ from mlops.errors import InvalidInput, MLOpsError
 from mlops.settings import Settings, load_settings
 
 STATUS_NOT_HEALTHY = 3
+# What streams to the terminal (tail, --jsonl) writes here: during a command sys.stdout is stderr.
+_STDOUT = sys.stdout
 
 
 def _progress(line: str) -> None:
@@ -110,6 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     manifests.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     manifests.set_defaults(handler=_serve_manifests)
+
+    logs = commands.add_parser("logs", help="the inference log: query a window, tail, prune")
+    logs_commands = logs.add_subparsers(dest="logs_command", required=True, parser_class=_Parser)
+    query = logs_commands.add_parser(
+        "query", help="a model's events in a time window: counts, latency, the first ones"
+    )
+    query.add_argument("--model", required=True)
+    query.add_argument("--since", required=True, metavar="WHEN", help="1h, 30m, 2d ago, or an ISO time")
+    query.add_argument("--until", metavar="WHEN", help="end of the window (default: now)")
+    query.add_argument("--version")
+    query.add_argument("--role", choices=("stable", "canary", "shadow"))
+    query.add_argument("--limit", type=int, default=20, help="events to include in the JSON (default 20)")
+    query.add_argument(
+        "--jsonl", action="store_true", help="print every event of the window, one JSON per line"
+    )
+    query.set_defaults(handler=_logs_query)
+    tail = logs_commands.add_parser("tail", help="the newest events, as lines; --follow for new ones")
+    tail.add_argument("--model", help="one model (default: all)")
+    tail.add_argument("-n", "--lines", type=int, default=20)
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    tail.set_defaults(handler=_logs_tail)
+    prune = logs_commands.add_parser(
+        "prune", help="drop events older than the retention (MLOPS_LOGS__RETENTION_DAYS)"
+    )
+    prune.add_argument("--older-than-days", type=int, help="override the retention")
+    prune.set_defaults(handler=_logs_prune)
+    for sub in logs_commands.choices.values():
+        sub.add_argument(
+            "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
+        )
+    assets = logs_commands.add_parser(
+        "assets", help="render search templates, dashboards (docker/search, docker/grafana)"
+    )
+    assets.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
+    assets.set_defaults(handler=_logs_assets)
 
     demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
     demo.add_argument(
@@ -247,6 +284,66 @@ def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any,
     for name, text in render_manifests(settings.kserve).items():
         (args.output_dir / name).write_text(text)
         written.append(str(args.output_dir / name))
+    return {"written": written}, 0
+
+
+def _log_store(settings: Settings, args: argparse.Namespace) -> Any:
+    from monitoring.logstore import get_log_store
+
+    return get_log_store(args.store or settings.log_store_url, **settings.log_store_options())
+
+
+def _logs_query(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.events import now_ms
+    from monitoring.logs import parse_time, summarize
+
+    now = now_ms()
+    start = parse_time(args.since, now, "--since")
+    end = parse_time(args.until, now, "--until") if args.until else now
+    store = _log_store(settings, args)
+    if args.jsonl:
+        for event in store.query(args.model, start, end, args.version, args.role):
+            _STDOUT.write(json.dumps(event.to_dict()) + "\n")
+        return None, 0
+    return summarize(store, args.model, start, end, args.version, args.role, args.limit), 0
+
+
+def _logs_tail(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    import time
+
+    from monitoring.logs import line
+
+    store = _log_store(settings, args)
+    seen: set[str] = set()
+    while True:
+        fresh = [e for e in store.latest(args.model, args.lines) if e.event_id not in seen]
+        for event in fresh:
+            _STDOUT.write(line(event) + "\n")
+            seen.add(event.event_id)
+        _STDOUT.flush()
+        if not args.follow:
+            return None, 0
+        time.sleep(1.0)
+
+
+def _logs_prune(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.logs import iso, retention_cutoff
+
+    days = args.older_than_days or settings.logs.retention_days
+    cutoff = retention_cutoff(days)
+    removed = _log_store(settings, args).prune(cutoff)
+    return {"store": args.store or settings.log_store_url, "older_than": iso(cutoff), "removed": removed}, 0
+
+
+def _logs_assets(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.dashboards import render_assets
+
+    written = []
+    for name, text in render_assets(settings.logs.index_prefix, settings.logs.retention_days).items():
+        path = args.output_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(str(path))
     return {"written": written}, 0
 
 

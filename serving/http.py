@@ -15,6 +15,7 @@ to kserve's own application, which sees each model through ``deployments.RoutedM
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import re
@@ -97,6 +98,9 @@ class Front:
         self.admin_token = admin_token
         self.max_body_bytes = max_body_bytes
         self._random = random.Random()
+        # Event ids: unique per process start (random prefix) and cheap per request (a counter).
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -263,7 +267,7 @@ class Front:
                 version=answered.version,
                 role=role,
                 request_id=request_id,
-                event_id=uuid.uuid4().hex,
+                event_id=f"{self._id_prefix}{next(self._ids):x}",
                 ts_ms=time.time_ns() // 1_000_000,
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 inputs=inputs,

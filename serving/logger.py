@@ -1,29 +1,39 @@
 """The inference logger: every predicted row to the log store, off the request path, without loss.
 
-The request path only puts one record per request on a bounded in-memory queue (no I/O, no JSON).
-A writer thread takes records in batches (``batch_events`` or every ``flush_ms``), expands them to
-one event per row, and writes the batch to the store. When the store is down or slow, batches go
-to a durable local spool instead (JSON lines, fsynced per batch) and are replayed, oldest first,
-when the store answers again; while the spool holds anything, new batches queue behind it, so
-events reach the store in order. Stores keep the first write of an event id, so a replay that
-overlaps what was already stored adds nothing twice.
+Two halves, in two processes, so that writing the log never takes the model server's CPU (its
+GIL) from answering requests:
 
-What can be lost: on a clean stop (SIGTERM) nothing, the queue is drained to the store or the
-spool. On a crash of the model server, the records still in memory: at most one flush interval of
-traffic plus any backlog the writer had not taken yet (the ``mlops_log_queue_depth`` gauge shows
-it). If the queue is full (the writer cannot keep up even with the local spool), new records are
-dropped and counted in ``mlops_log_events_dropped_total``: the request path never waits.
+- ``InferenceLogger``, in the model server: the request path appends one encoded line per request
+  (orjson, no I/O, no lock) to a bounded in-memory queue; a thread hands the queue over to the
+  writer process through a pipe every ``flush_ms``, and reads back the writer's counters for
+  ``/metrics``. If the queue is full, records are dropped and counted
+  (``mlops_log_events_dropped_total``): the request path never waits.
+- ``LogWriter``, in its own process (``python -m serving.logger``, started and restarted by the
+  logger): expands records to one event per row, writes them in batches (``batch_events``) to the
+  store. When the store is down or slow, batches go to a durable local spool instead (JSON lines,
+  fsynced per batch) and are replayed, oldest first, when the store answers again; while the spool
+  holds anything, new batches queue behind it, so events reach the store in order. Stores keep the
+  first write of an event id, so a replay that overlaps what was already stored adds nothing twice.
+
+What can be lost: on a clean stop (SIGTERM) nothing: the queue goes to the writer, which drains
+to the store or the spool before it exits. If the model server crashes, what it had not handed
+over yet: at most one flush interval of traffic (``flush_ms``, 200 ms by default); what the writer
+had received it still writes (it ignores signals and stops at the end of its input). If the
+writer crashes, the batch it was holding (at most ``batch_events``) plus what sat in the pipe.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
-import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,20 +48,21 @@ from monitoring.logstore import LogStore
 
 log = logging.getLogger(__name__)
 
-QUEUE_DEPTH = Gauge("mlops_log_queue_depth", "Inference records waiting for the log writer")
+QUEUE_DEPTH = Gauge("mlops_log_queue_depth", "Inference records waiting to go to the log writer")
+DROPPED = Counter(
+    "mlops_log_events_dropped_total", "Inference records dropped because the log queue was full"
+)
 WRITTEN = Counter("mlops_log_events_written_total", "Events the log store accepted (new or already there)")
 SPOOLED = Counter(
     "mlops_log_events_spooled_total", "Events written to the local spool while the store was away"
 )
 SPOOL_EVENTS = Gauge("mlops_log_spool_events", "Events in the local spool, waiting for the store")
-DROPPED = Counter(
-    "mlops_log_events_dropped_total", "Inference records dropped because the log queue was full"
-)
 REJECTED = Counter("mlops_log_events_rejected_total", "Events the log store refused as invalid")
 STORE_UP = Gauge("mlops_log_store_up", "1 while the log store accepts writes")
+WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writer process was restarted")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
 class Record:
     """One answered request, as the request path hands it over (expanded to rows later)."""
 
@@ -62,10 +73,13 @@ class Record:
     event_id: str  # the request's own id; row events are <event_id>-<row>
     ts_ms: int
     latency_ms: float
-    inputs: Mapping[str, np.ndarray]
-    outputs: Mapping[str, np.ndarray]
+    inputs: Mapping[str, Any]  # arrays on the request path, lists once decoded from the wire
+    outputs: Mapping[str, Any]
     status: str = "ok"
     error: str | None = None
+
+
+_RECORD_FIELDS = tuple(Record.__dataclass_fields__)
 
 
 def expand(record: Record) -> list[InferenceEvent]:
@@ -107,10 +121,34 @@ def expand(record: Record) -> list[InferenceEvent]:
     ]
 
 
-def _column(values: np.ndarray) -> list[Any]:
-    if values.dtype == object:
-        return [v.decode() if isinstance(v, bytes) else v for v in values.tolist()]
-    return values.tolist()
+def _column(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+def encode(item: Record | Sequence[Feedback]) -> bytes:
+    """One line of the pipe between the model server and its log writer."""
+    if isinstance(item, Record):
+        fields = {name: getattr(item, name) for name in _RECORD_FIELDS}  # not asdict(): it deep-copies arrays
+        return orjson.dumps({"r": fields}, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    return orjson.dumps({"f": [f.to_dict() for f in item]}) + b"\n"
+
+
+def _plain(value: Any) -> Any:
+    # What orjson does not serialize itself: arrays of strings (object dtype), and bytes.
+    if isinstance(value, np.ndarray):
+        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, bytes):
+        return value.decode()
+    raise TypeError(f"cannot log a {type(value).__name__}")
+
+
+def decode(line: bytes) -> Record | list[Feedback]:
+    item = orjson.loads(line)
+    if "r" in item:
+        return Record(**item["r"])
+    return [Feedback.from_dict(f) for f in item["f"]]
 
 
 class Spool:
@@ -123,7 +161,6 @@ class Spool:
         self._current: Path | None = None
         self._current_events = 0
         self.events = sum(self._lines(path) for path in self.files())
-        SPOOL_EVENTS.set(self.events)
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("spool-*.jsonl"))
@@ -144,8 +181,6 @@ class Spool:
             os.fsync(handle.fileno())
         self._current_events += len(lines)
         self.events += len(lines)
-        SPOOL_EVENTS.set(self.events)
-        SPOOLED.inc(len(events))
 
     def replay(self, write: Callable[[list[InferenceEvent], list[Feedback]], None], chunk: int) -> None:
         """Write every spooled record through ``write``, oldest first; raises if the store fails."""
@@ -170,7 +205,6 @@ class Spool:
             count = self._lines(path)
             path.unlink()
             self.events = max(0, self.events - count)
-            SPOOL_EVENTS.set(self.events)
 
     @staticmethod
     def _lines(path: Path) -> int:
@@ -179,98 +213,77 @@ class Spool:
         return 0
 
 
-class InferenceLogger:
+class LogWriter:
+    """Batches to the store, or to the spool while the store is away; replays the spool in order."""
+
     def __init__(
         self,
         store: LogStore,
         spool_dir: Path,
-        queue_events: int = 100_000,
         batch_events: int = 500,
         flush_ms: float = 200.0,
         retry_s: float = 1.0,
+        report: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
-        self._queue: queue.Queue[Record | list[Feedback] | None] = queue.Queue(maxsize=queue_events)
+        self._pending: collections.deque[Record | list[Feedback]] = collections.deque()
         self._batch_events = batch_events
         self._flush_s = flush_ms / 1000
         self._retry_s = retry_s
+        self._report = report
         self._store_up = True
         self._next_retry = 0.0
-        self._thread = threading.Thread(target=self._run, name="inference-logger", daemon=True)
-        self._stopped = False
+        self.stats = {
+            "written": 0,
+            "spooled": 0,
+            "rejected": 0,
+            "spool_events": self.spool.events,
+            "store_up": 1,
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
-    # --- the request path: never blocks -----------------------------------------------------
-
-    def log(self, record: Record) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            DROPPED.inc(len(next(iter(record.inputs.values()))) if record.inputs else 1)
-
-    def feedback(self, items: list[Feedback]) -> bool:
-        """Queue labels; False when the queue is full (the caller answers 503 and the client retries)."""
-        try:
-            self._queue.put_nowait(items)
-        except queue.Full:
-            return False
-        return True
+    def submit(self, item: Record | list[Feedback]) -> None:
+        self._pending.append(item)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Drain everything to the store or the spool, then stop."""
-        if self._stopped:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Write everything submitted to the store or the spool, then stop."""
+        if self._stop.is_set():
             return
-        self._stopped = True
-        self._queue.put(None)
+        self._stop.set()
         self._thread.join(timeout_s)
         self.store.close()
 
-    # --- the writer thread ------------------------------------------------------------------
-
     def _run(self) -> None:
         while True:
-            events, feedback, stop = self._collect()
-            QUEUE_DEPTH.set(self._queue.qsize())
-            if events or feedback:
-                self._deliver(events, feedback)
-            elif self.spool.events and time.monotonic() >= self._next_retry:
-                self._deliver([], [])  # nothing new: try to drain the spool
-            if stop:
+            stopping = self._stop.wait(self._flush_s)
+            self._drain()
+            if self.spool.events and not stopping and time.monotonic() >= self._next_retry:
+                self._deliver([], [])  # nothing new: try to empty the spool
+            self._publish()
+            if stopping:
+                self._drain()  # what arrived while the last batch was written
+                self._publish()
                 return
 
-    def _collect(self) -> tuple[list[InferenceEvent], list[Feedback], bool]:
-        events: list[InferenceEvent] = []
-        feedback: list[Feedback] = []
-        deadline = time.monotonic() + self._flush_s
-        while len(events) + len(feedback) < self._batch_events:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is None:
-                # Stop: take what is left without waiting, then return.
-                while True:
-                    try:
-                        rest = self._queue.get_nowait()
-                    except queue.Empty:
-                        return events, feedback, True
-                    if isinstance(rest, Record):
-                        events += expand(rest)
-                    elif rest is not None:
-                        feedback += rest
-            if isinstance(item, Record):
-                events += expand(item)
-            else:
-                feedback += item
-        return events, feedback, False
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            events: list[InferenceEvent] = []
+            feedback: list[Feedback] = []
+            while pending and len(events) + len(feedback) < self._batch_events:
+                item = pending.popleft()
+                if isinstance(item, Record):
+                    events += expand(item)
+                else:
+                    feedback += item
+            self._deliver(events, feedback)
 
     def _deliver(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
         """To the store when it is up and nothing is spooled; else behind the spool, in order."""
@@ -283,33 +296,36 @@ class InferenceLogger:
                 except BackendUnavailable as exc:
                     self._down(exc)
             if self.spool.events:  # still a backlog: new records queue behind it
-                self.spool.append(events, feedback)
+                self._to_spool(events, feedback)
                 return
         elif not self._store_up and now < self._next_retry:
-            self.spool.append(events, feedback)
+            self._to_spool(events, feedback)
             return
         try:
             self._write(events, feedback)
             self._up()
         except BackendUnavailable as exc:
             self._down(exc)
-            self.spool.append(events, feedback)
+            self._to_spool(events, feedback)
+
+    def _to_spool(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
+        self.spool.append(events, feedback)
+        self.stats["spooled"] += len(events)
 
     def _write(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
         if events:
             result = self.store.write(events)
-            WRITTEN.inc(result.written + result.duplicates)
+            self.stats["written"] += result.written + result.duplicates
             if result.rejected:
-                REJECTED.inc(len(result.rejected))
+                self.stats["rejected"] += len(result.rejected)
                 log.error("log store rejected %d events, first: %s", len(result.rejected), result.rejected[0])
         if feedback:
             self.store.write_feedback(feedback)
 
     def _up(self) -> None:
         if not self._store_up:
-            log.info("log store %s is back; spool drained", self.store.url)
+            log.warning("log store %s is back; spool drained", self.store.url)
         self._store_up = True
-        STORE_UP.set(1)
 
     def _down(self, exc: Exception) -> None:
         if self._store_up:
@@ -318,4 +334,134 @@ class InferenceLogger:
             )
         self._store_up = False
         self._next_retry = time.monotonic() + self._retry_s
-        STORE_UP.set(0)
+
+    def _publish(self) -> None:
+        self.stats["spool_events"] = self.spool.events
+        self.stats["store_up"] = int(self._store_up)
+        if self._report is not None:
+            self._report(dict(self.stats))
+
+
+class InferenceLogger:
+    """The model server's side: queue on the request path, hand over to the writer process."""
+
+    def __init__(self, command: Sequence[str], queue_events: int = 100_000, flush_ms: float = 200.0) -> None:
+        self._command = list(command)
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._capacity = queue_events
+        self._flush_s = flush_ms / 1000
+        self._reported = {"written": 0, "spooled": 0, "rejected": 0}
+        self._stop = threading.Event()
+        self._process = self._spawn()
+        self._forwarder = threading.Thread(target=self._forward, name="log-forwarder", daemon=True)
+        self._forwarder.start()
+
+    # --- the request path: one encode, one append -----------------------------------------
+
+    def log(self, record: Record) -> None:
+        if len(self._pending) >= self._capacity:
+            DROPPED.inc(len(next(iter(record.inputs.values()))) if record.inputs else 1)
+            return
+        self._pending.append(encode(record))
+
+    def feedback(self, items: list[Feedback]) -> bool:
+        """Queue labels; False when the queue is full (the caller answers 503 and the client retries)."""
+        if len(self._pending) >= self._capacity:
+            return False
+        self._pending.append(encode(items))
+        return True
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Hand everything to the writer, let it drain to the store or the spool, wait for it."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._forwarder.join(timeout_s)
+        with contextlib.suppress(OSError, ValueError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("log writer did not finish within %s s; stopping it", timeout_s)
+            self._process.kill()
+
+    # --- the hand-over thread ---------------------------------------------------------------
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        threading.Thread(target=self._read_reports, args=(process,), name="log-reports", daemon=True).start()
+        return process
+
+    def _forward(self) -> None:
+        while True:
+            stopping = self._stop.wait(self._flush_s)
+            pending = self._pending
+            lines = [pending.popleft() for _ in range(len(pending))]
+            QUEUE_DEPTH.set(len(pending))
+            if lines:
+                self._send(b"".join(lines))
+            if stopping:
+                return
+
+    def _send(self, data: bytes) -> None:
+        for _ in range(2):
+            try:
+                assert self._process.stdin is not None
+                self._process.stdin.write(data)
+                self._process.stdin.flush()
+                return
+            except (OSError, ValueError) as exc:  # the writer died: a new one replays its spool
+                log.error("log writer (pid %s) is gone (%s); starting another", self._process.pid, exc)
+                WRITER_RESTARTS.inc()
+                self._process = self._spawn()
+        DROPPED.inc(data.count(b"\n"))
+
+    def _read_reports(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+                stats = orjson.loads(line)
+                for key, counter in (("written", WRITTEN), ("spooled", SPOOLED), ("rejected", REJECTED)):
+                    counter.inc(max(0, stats[key] - self._reported[key]))
+                    self._reported[key] = stats[key]
+                SPOOL_EVENTS.set(stats["spool_events"])
+                STORE_UP.set(stats["store_up"])
+        self._reported = {"written": 0, "spooled": 0, "rejected": 0}  # a new writer counts from 0
+
+
+def main() -> int:
+    """`python -m serving.logger`: the writer process. Reads records on stdin until it closes."""
+    # The model server's stop (or a Ctrl-C) reaches the whole process group: the writer keeps
+    # going until its input ends, so what it was handed is written, not lost.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s log-writer %(levelname)s %(message)s")
+    from mlops.settings import load_settings
+    from monitoring.logstore import get_log_store
+
+    settings = load_settings()
+    out = sys.stdout.buffer
+
+    def report(stats: dict[str, int]) -> None:
+        out.write(orjson.dumps(stats) + b"\n")
+        out.flush()
+
+    logs = settings.logs
+    store = get_log_store(settings.log_store_url, **settings.log_store_options())
+    writer = LogWriter(store, settings.serving_dir / "spool", logs.batch_events, logs.flush_ms, report=report)
+    for line in sys.stdin.buffer:
+        try:
+            writer.submit(decode(line))
+        except (orjson.JSONDecodeError, MalformedEvent, TypeError, KeyError):
+            log.error("skipping an unreadable record from the model server")
+    writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

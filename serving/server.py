@@ -125,15 +125,14 @@ def serve(settings: Settings) -> None:
 
 
 def inference_logger(settings: Settings) -> Any:
-    """The logger to the configured store, spooling under the state dir when it is away."""
+    """The logger, with its writer process (same settings, from the same environment)."""
     from monitoring.logstore import get_log_store
     from serving.logger import InferenceLogger
 
-    logs = settings.logs
-    store = get_log_store(settings.log_store_url, **settings.log_store_options())
+    get_log_store(settings.log_store_url, **settings.log_store_options()).close()  # a bad URL fails here, now
     logging.getLogger("serving").info("inference log: %s", settings.log_store_url)
     return InferenceLogger(
-        store, settings.serving_dir / "spool", logs.queue_events, logs.batch_events, logs.flush_ms
+        [sys.executable, "-m", "serving.logger"], settings.logs.queue_events, settings.logs.flush_ms
     )
 
 

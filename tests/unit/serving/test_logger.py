@@ -10,7 +10,7 @@ import numpy as np
 from mlops.errors import BackendUnavailable
 from monitoring.events import Feedback
 from monitoring.logstore import WriteResult
-from serving.logger import InferenceLogger, Record, Spool, expand
+from serving.logger import InferenceLogger, LogWriter, Record, Spool, decode, encode, expand
 
 
 class FlakyStore:
@@ -78,13 +78,13 @@ def test_a_failed_request_is_one_error_event():
 
 def test_an_outage_spools_and_everything_arrives_in_order_after_it(tmp_path):
     store = FlakyStore()
-    logger = InferenceLogger(store, tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
+    logger = LogWriter(store, tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
     for i in range(50):
-        logger.log(record(i))
+        logger.submit(record(i))
     wait_until(lambda: len(store.events) == 100)
     store.up.clear()
     for i in range(50, 120):
-        logger.log(record(i))
+        logger.submit(record(i))
     wait_until(lambda: logger.spool.events == 140)
     assert len(store.events) == 100
     store.up.set()
@@ -97,16 +97,16 @@ def test_an_outage_spools_and_everything_arrives_in_order_after_it(tmp_path):
 def test_a_clean_stop_drains_the_queue_to_the_spool_and_the_next_logger_replays_it(tmp_path):
     store = FlakyStore()
     store.up.clear()
-    first = InferenceLogger(store, tmp_path / "spool", batch_events=1000, flush_ms=5000)
+    first = LogWriter(store, tmp_path / "spool", batch_events=1000, flush_ms=5000)
     for i in range(30):
-        first.log(record(i))
-    first.feedback([Feedback("req-3", 1, "fraud")])
+        first.submit(record(i))
+    first.submit([Feedback("req-3", 1, "fraud")])
     first.close()
     assert store.closed and len(store.events) == 0
     assert sum(1 for _ in (tmp_path / "spool").glob("spool-*.jsonl")) >= 1
 
     store.up.set()
-    second = InferenceLogger(FlakyStore(), tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
+    second = LogWriter(FlakyStore(), tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
     wait_until(lambda: len(second.store.events) == 60)
     wait_until(lambda: second.store.labels == {"req-3:1": "fraud"})
     second.close()
@@ -123,16 +123,48 @@ def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
     assert not spool.files()
 
 
-def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
+def test_records_cross_the_pipe_unchanged():
+    original = record(5, rows=3)
+    back = decode(encode(original))
+    assert expand(back) == expand(original)
+    labels = [Feedback("req-5", 0, {"lost": 3.5}), Feedback("req-5", 1, "legit")]
+    assert decode(encode(labels)) == labels
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking():
     from serving.logger import DROPPED
 
-    store = FlakyStore()
-    logger = InferenceLogger(store, tmp_path / "spool", queue_events=100, batch_events=10, flush_ms=10_000)
-    logger._queue.put(None)  # park the writer: it stops taking records
-    logger._thread.join(5)
+    # A writer that never reads, and a hand-over that waits a minute: the queue fills at 100.
+    logger = InferenceLogger(["sleep", "60"], queue_events=100, flush_ms=60_000)
     before = DROPPED._value.get()
     began = time.perf_counter()
     for i in range(150):
         logger.log(record(i))
     assert time.perf_counter() - began < 0.5
     assert DROPPED._value.get() - before == 2 * 50
+    assert logger.depth == 100
+    logger.close(timeout_s=2)
+
+
+def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, monkeypatch):
+    import sys
+
+    from monitoring.logstore import get_log_store
+    from serving.logger import WRITTEN
+
+    url = f"sqlite:///{tmp_path / 'inference.db'}"
+    monkeypatch.setenv("MLOPS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MLOPS_LOGS__STORE", url)
+    before = WRITTEN._value.get()
+    logger = InferenceLogger([sys.executable, "-m", "serving.logger"], flush_ms=20)
+    for i in range(40):
+        logger.log(record(i))
+    logger.feedback([Feedback("req-1", 0, "fraud")])
+    logger.close()
+    store = get_log_store(url)
+    assert store.count("fraud", 0, 2**62) == 80
+    assert [x.label for x in store.labelled("fraud", 0, 2**62) if x.event.request_id == "req-1"] == [
+        "fraud",
+        None,
+    ]
+    wait_until(lambda: WRITTEN._value.get() - before == 80)  # the writer's counts reach /metrics

@@ -1,0 +1,148 @@
+"""Operations files, rendered from the code that uses them: search templates and retention
+policies (the same objects the search log store installs), a Kibana / OpenSearch Dashboards
+data view and saved search over the events, and a Grafana dashboard for the model server's
+Prometheus metrics. `mlops logs assets --output-dir docker` writes them; a test keeps the
+committed copies equal to this rendering.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from monitoring.logstore.search import (
+    DEFAULT_PREFIX,
+    events_pattern,
+    feedback_template,
+    ilm_policy,
+    index_template,
+    ism_policy,
+)
+
+
+def render_assets(prefix: str = DEFAULT_PREFIX, retention_days: int = 30) -> dict[str, str]:
+    """File path (under docker/) -> content."""
+    policy = f"{prefix}-retention"
+    files: dict[str, Any] = {
+        "search/index-template-events.json": index_template(prefix, {"index.lifecycle.name": policy}),
+        "search/index-template-feedback.json": feedback_template(prefix),
+        "search/ilm-policy.json": {"policy": ilm_policy(retention_days)},
+        "search/ism-policy.json": ism_policy(retention_days, prefix),
+        "grafana/mlops-serving.json": grafana_dashboard(),
+    }
+    rendered = {path: json.dumps(body, indent=2) + "\n" for path, body in files.items()}
+    rendered["search/kibana-saved-objects.ndjson"] = "".join(
+        json.dumps(obj, separators=(",", ":")) + "\n" for obj in saved_objects(prefix)
+    )
+    return rendered
+
+
+def saved_objects(prefix: str) -> list[dict[str, Any]]:
+    """A data view over the events (time field ts_ms) and a saved search of the useful columns.
+
+    Import with Kibana's or OpenSearch Dashboards' saved objects import (Stack Management).
+    """
+    view_id = f"{prefix}-events"
+    return [
+        {
+            "type": "index-pattern",
+            "id": view_id,
+            "attributes": {
+                "title": events_pattern(prefix),
+                "timeFieldName": "ts_ms",
+                "name": "mlops inference events",
+            },
+            "references": [],
+        },
+        {
+            "type": "search",
+            "id": f"{prefix}-recent",
+            "attributes": {
+                "title": "mlops: predictions",
+                "columns": ["model", "version", "role", "status", "latency_ms", "request_id"],
+                "sort": [["ts_ms", "desc"]],
+                "kibanaSavedObjectMeta": {
+                    "searchSourceJSON": json.dumps(
+                        {
+                            "query": {"query": "", "language": "kuery"},
+                            "filter": [],
+                            "indexRefName": "kibanaSavedObjectMeta.searchSourceJSON.index",
+                        }
+                    )
+                },
+            },
+            "references": [
+                {
+                    "name": "kibanaSavedObjectMeta.searchSourceJSON.index",
+                    "type": "index-pattern",
+                    "id": view_id,
+                }
+            ],
+        },
+    ]
+
+
+def grafana_dashboard() -> dict[str, Any]:
+    """Requests, errors, latency per model/version/role; batching; the inference log's health."""
+    panels = [
+        (
+            "Requests per second by version and role",
+            'sum by (model, version, role) (rate(mlops_requests_total{code="200"}[1m]))',
+            "reqps",
+        ),
+        ("Errors per second by code", "sum by (model, code) (rate(mlops_request_errors_total[1m]))", "reqps"),
+        (
+            "p50 latency by version",
+            "histogram_quantile(0.5, sum by (le, model, version) (rate(mlops_request_latency_seconds_bucket[5m])))",
+            "s",
+        ),
+        (
+            "p99 latency by version",
+            "histogram_quantile(0.99, sum by (le, model, version) (rate(mlops_request_latency_seconds_bucket[5m])))",
+            "s",
+        ),
+        (
+            "Rows per compute batch (mean)",
+            "sum by (model, version) (rate(mlops_batch_rows_sum[5m])) / sum by (model, version) (rate(mlops_batch_rows_count[5m]))",
+            "none",
+        ),
+        ("Loaded versions", "mlops_model_loaded == 1", "none"),
+        ("Inference log: queue depth", "mlops_log_queue_depth", "none"),
+        ("Inference log: events in the spool", "mlops_log_spool_events", "none"),
+        ("Inference log: store up", "mlops_log_store_up", "none"),
+        (
+            "Inference log: dropped and rejected per second",
+            "rate(mlops_log_events_dropped_total[5m]) + rate(mlops_log_events_rejected_total[5m])",
+            "none",
+        ),
+        (
+            "Shadow failures per second",
+            "sum by (model, version) (rate(mlops_shadow_failures_total[5m]))",
+            "none",
+        ),
+    ]
+    return {
+        "title": "mlops: model serving",
+        "uid": "mlops-serving",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}
+            ]
+        },
+        "panels": [
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [{"refId": "A", "expr": expr, "legendFormat": "__auto"}],
+            }
+            for i, (title, expr, unit) in enumerate(panels)
+        ],
+    }
