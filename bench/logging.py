@@ -134,7 +134,7 @@ def main() -> int:
                 )
 
     baseline = results["sqlite write"]
-    print(f"\n{count:,} events, batches of {BATCH}")
+    print(f"\n{count:,} events, batches of {BATCH}:\n")
     print("| measurement | events/s | vs sqlite write alone |")
     print("| --- | --- | --- |")
     for name, rate in results.items():

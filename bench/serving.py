@@ -201,7 +201,7 @@ def report(measures: list[Measure], raw: dict[str, dict]) -> str:
     lines = []
     for model in dict.fromkeys(m.model for m in measures):
         lines.append(
-            f"\n{model} MLP {MODELS[model][:2]}: raw ONNX Runtime single row {raw[model]['raw_onnx_ms']:.3f} ms"
+            f"\n**{model} MLP {MODELS[model][:2]}**: raw ONNX Runtime single row {raw[model]['raw_onnx_ms']:.3f} ms\n"
         )
         lines.append(
             "| server | c | req/s | p50 ms | p99 ms | errors | req/s vs plain | req/s vs floor | p50 vs plain |"
@@ -218,7 +218,7 @@ def report(measures: list[Measure], raw: dict[str, dict]) -> str:
             on, off = by.get(("ours", concurrency)), by.get(("ours-nolog", concurrency))
             if on and off:
                 lines.append(
-                    f"logging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={concurrency}"
+                    f"\nlogging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={concurrency}"
                 )
     return "\n".join(lines)
 

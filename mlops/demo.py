@@ -6,9 +6,11 @@ Today that is:
    raw features), unless the registry already has them;
 3. version 1 deployed from the registry to the model server as stable, answering predictions;
 4. version 2 deployed as a canary with 20 % of traffic, the split measured, then promoted;
-5. one DAG run through Airflow reaching the runtime environment through the mlops operator
+5. every one of those predictions found in the inference log, and labels sent later joined to
+   their predictions;
+6. one DAG run through Airflow reaching the runtime environment through the mlops operator
    (`check_runtime`: GPU, ONNX Runtime providers, the MLflow registry).
-Each later part of the loop (inference logs, the deploy, monitor and retrain DAGs) adds its step.
+Each later part of the loop (the deploy, monitor and retrain DAGs) adds its step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CHECK_DAG = "check_runtime"
 DEMO_MODEL = "demo-fraud"
 CANARY_PERCENT = 20.0
 SPLIT_REQUESTS = 500
-STEPS = 5
+STEPS = 6
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class DemoResult:
     airflow_login: dict[str, str]
     registry: dict[str, Any]
     serving: dict[str, Any]
+    inference_log: dict[str, Any]
     check_runtime: dict[str, Any]
     stack_started: list[str]
 
@@ -51,6 +54,7 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     from serving.targets import get_deployment_target
 
     begun = time.monotonic()
+    began_ms = time.time_ns() // 1_000_000
     progress(f"[1/{STEPS}] starting the stack (MLflow, Airflow, model server)")
     status = Supervisor(settings, build_components(settings), progress).up(ttl_s=ttl_s)
     login = status.airflow_login
@@ -67,7 +71,8 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
     if target.status(DEMO_MODEL).canary is not None:  # a canary left by an earlier, interrupted run
         target.rollback(DEMO_MODEL)
-    sample = predict(settings.serving_url, DEMO_MODEL, example_rows(3))
+    sample_answer = predict(settings.serving_url, DEMO_MODEL, example_rows(3))
+    sample = sample_answer["predictions"]
 
     progress(
         f"[4/{STEPS}] version {canary} as canary with {CANARY_PERCENT:.0f} % of traffic; {SPLIT_REQUESTS} requests"
@@ -80,7 +85,15 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     after = measure_split(settings.serving_url, DEMO_MODEL, 50)
     progress(f"    promoted: version {promoted.stable.version if promoted.stable else '?'} answers {after}")
 
-    progress(f"[5/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
+    progress(
+        f"[5/{STEPS}] the inference log at {settings.log_store_url}: every prediction, and labels joined later"
+    )
+    logged = inference_log(settings, began_ms, sample_answer["request_id"], len(sample) + SPLIT_REQUESTS + 50)
+    progress(
+        f"    {logged['events']} events by version {logged['by_version']}; labels joined: {logged['labelled']}"
+    )
+
+    progress(f"[6/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
     with AirflowClient(settings.airflow_url, login["user"], login["password"]) as airflow:
         airflow.wait_for_dag(CHECK_DAG)
         airflow.unpause(CHECK_DAG)
@@ -104,6 +117,7 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
             "after_promote": after,
             "stable": promoted.stable.version if promoted.stable else None,
         },
+        inference_log=logged,
         check_runtime={"run": run.url, "state": run.state, "tasks": tasks, "result": report},
         stack_started=status.started,
     )
@@ -139,11 +153,45 @@ def example_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-def predict(url: str, model: str, rows: list[dict[str, Any]]) -> list[Any]:
+def predict(url: str, model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     response = httpx.post(f"{url}/v1/models/{model}:predict", json={"instances": rows}, timeout=30)
     if response.status_code != 200:
         raise MLOpsError(f"model server answered {response.status_code}: {response.text[:300]}")
-    return response.json()["predictions"]
+    return response.json()
+
+
+def inference_log(settings: Settings, began_ms: int, request_id: str, expected: int) -> dict[str, Any]:
+    """Wait until every prediction of this demo is in the log, label the first request's rows,
+    and read the labels back joined to their predictions."""
+    from monitoring.logstore import get_log_store
+
+    labels = ["legit", "fraud", "legit"]
+    response = httpx.post(
+        f"{settings.serving_url}/v1/feedback", json={"request_id": request_id, "labels": labels}
+    )
+    if response.status_code != 202:
+        raise MLOpsError(f"feedback refused ({response.status_code}): {response.text[:300]}")
+    store = get_log_store(settings.log_store_url, **settings.log_store_options())
+    deadline = time.monotonic() + 60
+    while True:
+        store.refresh()
+        end = time.time_ns() // 1_000_000 + 1
+        found = store.count(DEMO_MODEL, began_ms, end)
+        labelled = sum(1 for item in store.labelled(DEMO_MODEL, began_ms, end) if item.label is not None)
+        if (found >= expected and labelled >= len(labels)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if found < expected or labelled < len(labels):
+        raise MLOpsError(
+            f"the inference log holds {found} of {expected} events and {labelled} labels after 60 s"
+        )
+    by_version = collections.Counter(e.version for e in store.query(DEMO_MODEL, began_ms, end))
+    return {
+        "store": settings.log_store_url,
+        "events": found,
+        "by_version": dict(sorted(by_version.items())),
+        "labelled": labelled,
+    }
 
 
 def measure_split(url: str, model: str, requests: int) -> dict[str, int]:

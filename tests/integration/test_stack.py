@@ -69,6 +69,19 @@ def test_demo_deploys_registry_versions_and_canaries_the_second(stack):
     assert served["after_promote"] == {second: 50} and served["stable"] == second
 
 
+def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):
+    logged = stack["demo"]["inference_log"]
+    assert logged["events"] == 3 + 500 + 50  # the sample, the split, after the promotion
+    assert logged["labelled"] == 3
+    query = run_mlops(
+        "logs", "query", "--model", "demo-fraud", "--since", "1h", "--limit", "1", env=stack["env"]
+    )
+    assert query.code == 0, query.stderr
+    assert query.json["count"] >= logged["events"]
+    assert set(query.json["by_version"]) == set(stack["demo"]["registry"]["versions"])
+    assert query.json["events"][0]["inputs"].keys() == {"amount", "age_days", "country"}
+
+
 def test_cli_drives_the_stacks_model_server(stack):
     model = "demo-fraud"
     status = run_mlops("serve", "status", model, env=stack["env"])
