@@ -120,6 +120,11 @@ def grafana_dashboard() -> dict[str, Any]:
             "sum by (model, version) (rate(mlops_shadow_failures_total[5m]))",
             "none",
         ),
+        (
+            "Unseen categories per second",
+            "sum by (model, version) (rate(mlops_unknown_categories_total[5m]))",
+            "none",
+        ),
     ]
     return {
         "title": "mlops: model serving",

@@ -55,11 +55,6 @@ class Batcher:
         self._lone_compute_s = float("inf")
 
     @property
-    def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
-
-    @property
     def idle(self) -> bool:
         """No request waiting or being computed: safe to close."""
         return self._in_flight == 0

@@ -56,6 +56,7 @@ class Loaded:
             "sha256": bundle.sha256,
             "signature": self.model.request_signature.source if self.model.request_signature else None,
             "transformer": bundle.transformer is not None,
+            "unknown_categories": self.model.unknown_categories,
             "loaded_at": self.loaded_at,
         }
 

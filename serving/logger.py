@@ -248,10 +248,6 @@ class LogWriter:
     def submit(self, item: Record | list[Feedback]) -> None:
         self._pending.append(item)
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
-
     def close(self, timeout_s: float = 60.0) -> None:
         """Write everything submitted to the store or the spool, then stop."""
         if self._stop.is_set():

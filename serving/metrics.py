@@ -29,6 +29,11 @@ BATCH_ROWS = Histogram(
 SHADOW_FAILURES = Counter(
     "mlops_shadow_failures_total", "Mirrored requests the shadow version failed", ["model", "version"]
 )
+UNKNOWN_CATEGORIES = Counter(
+    "mlops_unknown_categories_total",
+    "Raw categorical values a version's transformer had never seen",
+    ["model", "version"],
+)
 LOADED = Gauge("mlops_model_loaded", "1 for each loaded version, by role", ["model", "version", "role"])
 
 

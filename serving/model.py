@@ -19,6 +19,7 @@ import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from mlops.errors import InvalidInput, ModelNotReady
+from serving import metrics
 from serving.bundle import Bundle
 from serving.runtime import OnnxRuntime, Runtime, TorchRuntime
 from serving.signature import RequestDecoder, Signature, v2_outputs
@@ -148,7 +149,9 @@ class VersionModel(kserve.Model):
         if transformer is None:
             return runtime.run(inputs)
         feeds, unknown = transformer.encode(inputs)
-        self.unknown_categories += unknown
+        if unknown:
+            self.unknown_categories += unknown
+            metrics.UNKNOWN_CATEGORIES.labels(self.name, self.version).inc(unknown)
         return transformer.decode(runtime.run(feeds))
 
     def v1_predictions(self, outputs: Mapping[str, np.ndarray]) -> list[Any]:

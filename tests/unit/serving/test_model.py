@@ -37,9 +37,13 @@ def test_transformer_maps_raw_features_to_labels(fraud):
 
 
 def test_unknown_category_is_counted_and_still_answered(fraud):
+    from serving.metrics import UNKNOWN_CATEGORIES
+
     before = fraud.unknown_categories
+    exported = UNKNOWN_CATEGORIES.labels("fraud", "3")._value.get()
     outputs = fraud.compute(fraud.decoder.v1({"instances": [{"amount": 1, "age_days": 1, "country": "ZZ"}]}))
     assert fraud.unknown_categories == before + 1
+    assert UNKNOWN_CATEGORIES.labels("fraud", "3")._value.get() == exported + 1
     assert outputs["probabilities"].shape == (1, 2)
 
 
