@@ -87,15 +87,13 @@ class RoutedModel(kserve.Model):
 
 
 class Deployments:
-    def __init__(
-        self, settings: Settings, repository: kserve.model_repository.ModelRepository | None = None
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.state_file = settings.serving_dir / "deployments.json"
         self.cache_dir = settings.serving_dir / "models"
         self._routing: dict[str, Routing[Loaded]] = {}
         self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
-        self._repository = repository
+        self._repository: kserve.model_repository.ModelRepository | None = None  # set by attach()
         self.restored = False  # until the saved deployments are back, the server is not ready
 
     def attach(self, repository: kserve.model_repository.ModelRepository) -> None:

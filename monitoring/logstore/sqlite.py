@@ -146,16 +146,11 @@ class SqliteLogStore:
     def _pages(
         self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None, with_labels: bool
     ) -> Iterator[tuple[bytes, bytes | None]]:
-        where = ["e.model = ?", "e.ts_ms >= ?", "e.ts_ms < ?"]
-        params: list[object] = [model, start_ms, end_ms]
-        for column, value in (("version", version), ("role", role)):
-            if value is not None:
-                where.append(f"e.{column} = ?")
-                params.append(value)
+        where, params = _window(model, start_ms, end_ms, version, role)
         label = "f.label" if with_labels else "NULL"
         join = "LEFT JOIN feedback f ON f.request_id = e.request_id AND f.row = e.row" if with_labels else ""
         sql = (
-            f"SELECT e.body, {label}, e.ts_ms, e.event_id FROM events e {join} WHERE {' AND '.join(where)}"
+            f"SELECT e.body, {label}, e.ts_ms, e.event_id FROM events e {join} WHERE {where}"
             " AND (e.ts_ms > ? OR (e.ts_ms = ? AND e.event_id > ?)) ORDER BY e.ts_ms, e.event_id LIMIT ?"
         )
         after_ts, after_id = -1, ""
@@ -173,12 +168,8 @@ class SqliteLogStore:
     def count(
         self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None
     ) -> int:
-        where, params = "model = ? AND ts_ms >= ? AND ts_ms < ?", [model, start_ms, end_ms]
-        for column, value in (("version", version), ("role", role)):
-            if value is not None:
-                where += f" AND {column} = ?"
-                params.append(value)
-        return self._scalar(f"SELECT COUNT(*) FROM events WHERE {where}", params)
+        where, params = _window(model, start_ms, end_ms, version, role)
+        return self._scalar(f"SELECT COUNT(*) FROM events e WHERE {where}", params)
 
     def models(self) -> list[str]:
         try:
@@ -187,12 +178,8 @@ class SqliteLogStore:
             raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
-        sql = "SELECT body FROM events {} ORDER BY ts_ms DESC, event_id DESC LIMIT ?"
-        params: list[object] = [limit]
-        if model is not None:
-            sql, params = sql.format("WHERE model = ?"), [model, limit]
-        else:
-            sql = sql.format("")
+        where, params = ("WHERE model = ?", [model, limit]) if model is not None else ("", [limit])
+        sql = f"SELECT body FROM events {where} ORDER BY ts_ms DESC, event_id DESC LIMIT ?"
         try:
             rows = self._connect().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -228,6 +215,19 @@ class SqliteLogStore:
             return int(self._connect().execute(sql, params).fetchone()[0])
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+
+
+def _window(
+    model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
+) -> tuple[str, list[object]]:
+    """The WHERE clause (over ``events e``) selecting one model's window, version and role."""
+    where = ["e.model = ?", "e.ts_ms >= ?", "e.ts_ms < ?"]
+    params: list[object] = [model, start_ms, end_ms]
+    for column, value in (("version", version), ("role", role)):
+        if value is not None:
+            where.append(f"e.{column} = ?")
+            params.append(value)
+    return " AND ".join(where), params
 
 
 def _parse(body: bytes, stats: ReadStats | None) -> InferenceEvent | None:
