@@ -4,7 +4,9 @@ One run, the same events (shaped like the demo model's: three raw features, a la
 scores), for each store:
 
 - ``sqlite``: the embedded store, alone, and while another *process* scans the same window over
-  and over (the model server writing while an Airflow task reads);
+  and over (the model server writing while an Airflow task reads), written both ways: events one
+  by one (``write``), and requests as the model server's log writer hands them over
+  (``write_requests``: one record per request, expanded to rows when read);
 - ``opensearch``: osmem-server (in-memory OpenSearch API) through opensearch-py;
 - ``elasticsearch``: the same server through the official client and the header proxy of the tests.
 
@@ -29,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from monitoring.events import InferenceEvent
+from monitoring.events import InferenceEvent, InferenceRequest, LoggedRequest
 from monitoring.logstore import get_log_store
 
 BATCH = 500
@@ -58,12 +60,35 @@ def events(count: int, offset: int = 0) -> list[InferenceEvent]:
     ]
 
 
-def write_rate(url: str, count: int, **options: object) -> float:
+def requests(count: int, offset: int = 0) -> list[LoggedRequest]:
+    """The same rows as ``events``, one request each, encoded as the model server encodes them."""
+    return [
+        InferenceRequest(
+            e.event_id[:-2],
+            e.ts_ms,
+            e.model,
+            e.version,
+            e.role,
+            e.request_id,
+            e.latency_ms,
+            {name: [value] for name, value in e.inputs.items()},
+            {name: [value] for name, value in e.outputs.items()},
+        ).logged()  # fmt: skip
+        for e in events(count, offset)
+    ]
+
+
+def write_rate(url: str, count: int, as_requests: bool = False, **options: object) -> float:
     store = get_log_store(url, **options)
-    batches = [events(BATCH, offset) for offset in range(0, count, BATCH)]
+    if as_requests:
+        batches = [requests(BATCH, offset) for offset in range(0, count, BATCH)]
+        write = store.write_requests
+    else:
+        batches = [events(BATCH, offset) for offset in range(0, count, BATCH)]
+        write = store.write  # type: ignore[assignment]
     began = time.perf_counter()
     for batch in batches:
-        store.write(batch)
+        write(batch)  # type: ignore[arg-type]
     elapsed = time.perf_counter() - began
     store.refresh()
     return count / elapsed
@@ -95,28 +120,31 @@ def main() -> int:
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mlops-bench-log-") as tmp:
-        alone = f"sqlite:///{Path(tmp) / 'alone.db'}"
-        results["sqlite write"] = write_rate(alone, count)
-        results["sqlite read window"] = read_rate(alone, count)
-        progress(
-            f"sqlite: {results['sqlite write']:,.0f} events/s written, {results['sqlite read window']:,.0f}/s read"
-        )
+        for way, as_requests in (("", False), (" requests", True)):
+            alone = f"sqlite:///{Path(tmp) / f'alone{way.strip()}.db'}"
+            results[f"sqlite write{way}"] = write_rate(alone, count, as_requests)
+            results[f"sqlite{way} read window"] = read_rate(alone, count)
+            progress(
+                f"sqlite{way}: {results[f'sqlite write{way}']:,.0f} events/s written,"
+                f" {results[f'sqlite{way} read window']:,.0f}/s read"
+            )
 
-        shared = f"sqlite:///{Path(tmp) / 'shared.db'}"
-        get_log_store(shared).write(events(BATCH, 10**8))  # something to scan from the start
-        spawn = multiprocessing.get_context("spawn")  # a fresh process, like an Airflow task
-        stop, scans = spawn.Event(), spawn.Value("i", 0)
-        reader = spawn.Process(target=_scan_forever, args=(shared, stop, scans))
-        reader.start()
-        time.sleep(1.0)
-        try:
-            results["sqlite write while a reader scans"] = write_rate(shared, count)
-        finally:
-            stop.set()
-            reader.join(30)
-        progress(
-            f"sqlite with a reader process: {results['sqlite write while a reader scans']:,.0f} events/s ({scans.value} scans meanwhile)"
-        )
+            shared = f"sqlite:///{Path(tmp) / f'shared{way.strip()}.db'}"
+            get_log_store(shared).write(events(BATCH, 10**8))  # something to scan from the start
+            spawn = multiprocessing.get_context("spawn")  # a fresh process, like an Airflow task
+            stop, scans = spawn.Event(), spawn.Value("i", 0)
+            reader = spawn.Process(target=_scan_forever, args=(shared, stop, scans))
+            reader.start()
+            time.sleep(1.0)
+            try:
+                results[f"sqlite write{way} while a reader scans"] = write_rate(shared, count, as_requests)
+            finally:
+                stop.set()
+                reader.join(30)
+            progress(
+                f"sqlite{way} with a reader process: {results[f'sqlite write{way} while a reader scans']:,.0f}"
+                f" events/s ({scans.value} scans meanwhile)"
+            )
 
         from tests.esproxy import ElasticsearchProxy
         from tests.servers import osmem_server
@@ -139,10 +167,12 @@ def main() -> int:
     print("| --- | --- | --- |")
     for name, rate in results.items():
         print(f"| {name} | {rate:,.0f} | {rate / baseline:.2f}x |")
-    target = results["sqlite write while a reader scans"]
-    print(
-        f"\nembedded store written while a reader scans: {target:,.0f} events/s (target 20,000: {target / 20000:.2f}x)"
-    )
+    for way in ("", " requests"):
+        target = results[f"sqlite write{way} while a reader scans"]
+        print(
+            f"\nembedded store written{way or ' events'} while a reader scans: {target:,.0f} events/s"
+            f" (target 20,000: {target / 20000:.2f}x)"
+        )
     return 0
 
 

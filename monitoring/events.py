@@ -1,8 +1,11 @@
 """The inference event: one record per predicted row, the input of monitoring and retraining.
 
-Defined once, here, with a schema version. Serving writes events (through serving/logger.py) and
-ground-truth labels that arrive later (``Feedback``, keyed by request id and row); the log stores
-keep both; monitoring and retraining read them back by model and time window.
+Defined once, here, with a schema version. Serving logs whole requests (``InferenceRequest``:
+columns of rows, encoded once on the request path as a ``LoggedRequest``) and ground-truth labels
+that arrive later (``Feedback``, keyed by request id and row); the log stores keep both and give
+back one ``InferenceEvent`` per row: monitoring and retraining read those by model and time window.
+A request's rows are the events ``<event_id>-<row>``, whether a store expands the request when it
+is written (the search stores: one document per row) or when it is read (the embedded store).
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "error")
@@ -82,6 +88,157 @@ class InferenceEvent:
         if event.status not in STATUSES:
             raise MalformedEvent(f"status {event.status!r} is not one of {STATUSES}")
         return event
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
+class InferenceRequest:
+    """One answered request: named columns with one entry per row (a failed request has none)."""
+
+    event_id: str  # the request's own id, unique; its rows are the events <event_id>-<row>
+    ts_ms: int
+    model: str
+    version: str
+    role: str
+    request_id: str
+    latency_ms: float
+    inputs: Mapping[str, Any]  # column per feature: arrays on the request path, lists once decoded
+    outputs: Mapping[str, Any]
+    status: str = "ok"
+    error: str | None = None
+
+    @property
+    def rows(self) -> int:
+        """How many events the request holds (a failed request is one event with its error)."""
+        if self.status != "ok" or not self.inputs:
+            return 1
+        return len(next(iter(self.inputs.values())))
+
+    def events(self) -> list[InferenceEvent]:
+        """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store)."""
+        if self.status != "ok" or not self.inputs:
+            return [
+                InferenceEvent(
+                    f"{self.event_id}-0",
+                    self.ts_ms,
+                    self.model,
+                    self.version,
+                    self.role,
+                    self.request_id,
+                    0,
+                    {},
+                    {},
+                    self.latency_ms,
+                    "error",
+                    self.error,
+                )  # fmt: skip
+            ]
+        inputs = {name: _column(values) for name, values in self.inputs.items()}
+        outputs = {name: _column(values) for name, values in self.outputs.items()}
+        rows = range(len(next(iter(inputs.values()))))
+        return [
+            InferenceEvent(
+                event_id=f"{self.event_id}-{row}",
+                ts_ms=self.ts_ms,
+                model=self.model,
+                version=self.version,
+                role=self.role,
+                request_id=self.request_id,
+                row=row,
+                inputs={name: column[row] for name, column in inputs.items()},
+                outputs={name: column[row] for name, column in outputs.items()},
+                latency_ms=self.latency_ms,
+            )
+            for row in (sorted(rows, key=str) if len(rows) > 10 else rows)
+        ]
+
+    def header(self) -> tuple[str, int, str, str, str, str, int]:
+        """What a store indexes: (event_id, ts_ms, model, version, role, request_id, rows)."""
+        return (self.event_id, self.ts_ms, self.model, self.version, self.role, self.request_id, self.rows)
+
+    def payload(self) -> bytes:
+        """The rest, encoded once (orjson, arrays as they are): latency, columns, status."""
+        return orjson.dumps(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "latency_ms": self.latency_ms,
+                "inputs": self.inputs,
+                "outputs": self.outputs,
+                "status": self.status,
+                "error": self.error,
+            },
+            default=_plain,
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+
+    def logged(self) -> LoggedRequest:
+        return LoggedRequest(*self.header(), self.payload())
+
+    @classmethod
+    def from_logged(cls, logged: LoggedRequest) -> InferenceRequest:
+        """Header and payload back together; anything that does not fit raises MalformedEvent."""
+        try:
+            data = orjson.loads(logged.body)
+            version = int(data.get("schema_version", 0))
+            if version != SCHEMA_VERSION:
+                raise MalformedEvent(f"schema_version {version} is not {SCHEMA_VERSION}")
+            request = cls(
+                event_id=str(logged.event_id),
+                ts_ms=int(logged.ts_ms),
+                model=str(logged.model),
+                version=str(logged.version),
+                role=str(logged.role),
+                request_id=str(logged.request_id),
+                latency_ms=float(data["latency_ms"]),
+                inputs=dict(data["inputs"]),
+                outputs=dict(data["outputs"]),
+                status=str(data.get("status", "ok")),
+                error=data.get("error"),
+            )
+            if request.status not in STATUSES:
+                raise MalformedEvent(f"status {request.status!r} is not one of {STATUSES}")
+            if request.status == "ok":
+                columns = [*request.inputs.values(), *request.outputs.values()]
+                if any(len(column) != logged.rows for column in columns):
+                    raise MalformedEvent(f"columns are not all {logged.rows} rows long")
+        except MalformedEvent:
+            raise
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise MalformedEvent(f"not an inference request: {exc!r}") from exc
+        return request
+
+
+class LoggedRequest(NamedTuple):
+    """A request encoded once by the model server: the columns a store indexes, and the payload.
+
+    The field order is the embedded store's column order: it inserts these tuples as they are.
+    """
+
+    event_id: str
+    ts_ms: int
+    model: str
+    version: str
+    role: str
+    request_id: str
+    rows: int
+    body: bytes  # InferenceRequest.payload()
+
+    def events(self) -> list[InferenceEvent]:
+        return InferenceRequest.from_logged(self).events()
+
+
+def _column(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+def _plain(value: Any) -> Any:
+    # What orjson does not serialize itself: arrays of strings (object dtype), and bytes.
+    if isinstance(value, np.ndarray):
+        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
+    if isinstance(value, bytes):
+        return value.decode()
+    raise TypeError(f"cannot log a {type(value).__name__}")
 
 
 @dataclass(frozen=True)

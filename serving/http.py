@@ -27,12 +27,12 @@ from typing import Any
 import orjson
 
 from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
-from monitoring.events import Feedback
+from monitoring.events import Feedback, InferenceRequest
 from serving import metrics
 from serving.auth import token_matches
 from serving.deployments import Deployments, Loaded
 from serving.explain import explain
-from serving.logger import InferenceLogger, Record
+from serving.logger import InferenceLogger
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,13 @@ class Front:
     ) -> None:
         assert self.logger is not None
         self.logger.log(
-            Record(
+            InferenceRequest(
+                event_id=f"{self._id_prefix}{next(self._ids):x}",
+                ts_ms=time.time_ns() // 1_000_000,
                 model=answered.model.name,
                 version=answered.version,
                 role=role,
                 request_id=request_id,
-                event_id=f"{self._id_prefix}{next(self._ids):x}",
-                ts_ms=time.time_ns() // 1_000_000,
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 inputs=inputs,
                 outputs=outputs,

@@ -3,15 +3,18 @@
 Two halves, in two processes, so that writing the log never takes the model server's CPU (its
 GIL) from answering requests:
 
-- ``InferenceLogger``, in the model server: the request path appends one encoded line per request
-  (orjson, no I/O, no lock) to a bounded in-memory queue; a thread hands the queue over to the
+- ``InferenceLogger``, in the model server: the request path encodes each request once (orjson,
+  columns as they are, no I/O, no lock) and appends the line to a bounded in-memory queue; a thread hands the queue over to the
   writer process through a pipe every ``flush_ms``, and reads back the writer's counters for
   ``/metrics``. If the queue is full, records are dropped and counted
   (``mlops_log_events_dropped_total``): the request path never waits.
 - ``LogWriter``, in its own process (``python -m serving.logger``, started and restarted by the
-  logger): expands records to one event per row, writes them in batches (``batch_events``) to the
-  store. When the store is down or slow, batches go to a durable local spool instead (JSON lines,
-  fsynced per batch) and are replayed, oldest first, when the store answers again; while the spool
+  logger): reads each line's header, leaves the body encoded, and writes the requests in batches
+  (``batch_events`` rows) to the store, which keeps them whole (the embedded store: rows are
+  expanded when read) or expands them to one document per row (the search stores). So the
+  writer's CPU per request is a header parse and one insert, whatever the request's size. When the
+  store is down or slow, batches go to a durable local spool instead (the same lines, fsynced per
+  batch) and are replayed, oldest first, when the store answers again; while the spool
   holds anything, new batches queue behind it, so events reach the store in order. Stores keep the
   first write of an event id, so a replay that overlaps what was already stored adds nothing twice.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -33,20 +37,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceEvent, MalformedEvent
+from monitoring.events import Feedback, InferenceEvent, InferenceRequest, LoggedRequest, MalformedEvent
 from monitoring.logstore import LogStore
 
 log = logging.getLogger(__name__)
+WRITER_NICENESS = 10  # the writer process's CPU priority below the model server's (see main)
+
+# What the spool replays through: (requests, labels, single events of the first spool layout).
+Writer = Callable[[list[LoggedRequest], list[Feedback], list[InferenceEvent]], None]
 
 QUEUE_DEPTH = Gauge("mlops_log_queue_depth", "Inference records waiting to go to the log writer")
 DROPPED = Counter(
@@ -62,155 +67,129 @@ STORE_UP = Gauge("mlops_log_store_up", "1 while the log store accepts writes")
 WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writer process was restarted")
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
-class Record:
-    """One answered request, as the request path hands it over (expanded to rows later)."""
-
-    model: str
-    version: str
-    role: str
-    request_id: str
-    event_id: str  # the request's own id; row events are <event_id>-<row>
-    ts_ms: int
-    latency_ms: float
-    inputs: Mapping[str, Any]  # arrays on the request path, lists once decoded from the wire
-    outputs: Mapping[str, Any]
-    status: str = "ok"
-    error: str | None = None
+# The pipe between the model server and its writer carries one line per item:
+#   b"r" + JSON [event_id, ts_ms, model, version, role, request_id, rows] + b"\t" + request body
+#   b"f" + JSON [feedback, ...]
+# orjson escapes tabs and newlines inside strings, so the first tab splits a request line and a
+# newline ends every line. The writer reads the header and passes the body on unread: the
+# embedded store keeps it as it is. The spool holds the same lines.
 
 
-_RECORD_FIELDS = tuple(Record.__dataclass_fields__)
+def encode(item: LoggedRequest | Sequence[Feedback]) -> bytes:
+    """One line of the pipe (and of the spool)."""
+    if isinstance(item, LoggedRequest):
+        return b"r%b\t%b\n" % (orjson.dumps(item[:7]), item.body)
+    return b"f%b\n" % orjson.dumps([f.to_dict() for f in item])
 
 
-def expand(record: Record) -> list[InferenceEvent]:
-    """One event per row; a failed request is one event with its error."""
-    if record.status != "ok" or not record.inputs:
-        return [
-            InferenceEvent(
-                f"{record.event_id}-0",
-                record.ts_ms,
-                record.model,
-                record.version,
-                record.role,
-                record.request_id,
-                0,
-                {},
-                {},
-                record.latency_ms,
-                "error",
-                record.error,
-            )  # fmt: skip
-        ]
-    rows = len(next(iter(record.inputs.values())))
-    inputs = {name: _column(values) for name, values in record.inputs.items()}
-    outputs = {name: _column(values) for name, values in record.outputs.items()}
-    return [
-        InferenceEvent(
-            event_id=f"{record.event_id}-{row}",
-            ts_ms=record.ts_ms,
-            model=record.model,
-            version=record.version,
-            role=record.role,
-            request_id=record.request_id,
-            row=row,
-            inputs={name: column[row] for name, column in inputs.items()},
-            outputs={name: column[row] for name, column in outputs.items()},
-            latency_ms=record.latency_ms,
-        )
-        for row in range(rows)
-    ]
+def encode_request(request: InferenceRequest) -> bytes:
+    """``encode(request.logged())`` without the tuple in between: this runs on the request path."""
+    return b"r%b\t%b\n" % (orjson.dumps(request.header()), request.payload())
 
 
-def _column(values: Any) -> list[Any]:
-    if isinstance(values, np.ndarray):
-        values = values.tolist()
-    return [v.decode() if isinstance(v, bytes) else v for v in values]
-
-
-def encode(item: Record | Sequence[Feedback]) -> bytes:
-    """One line of the pipe between the model server and its log writer."""
-    if isinstance(item, Record):
-        fields = {name: getattr(item, name) for name in _RECORD_FIELDS}  # not asdict(): it deep-copies arrays
-        return orjson.dumps({"r": fields}, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-    return orjson.dumps({"f": [f.to_dict() for f in item]}) + b"\n"
-
-
-def _plain(value: Any) -> Any:
-    # What orjson does not serialize itself: arrays of strings (object dtype), and bytes.
-    if isinstance(value, np.ndarray):
-        return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
-    if isinstance(value, bytes):
-        return value.decode()
-    raise TypeError(f"cannot log a {type(value).__name__}")
-
-
-def decode(line: bytes) -> Record | list[Feedback]:
-    item = orjson.loads(line)
-    if "r" in item:
-        return Record(**item["r"])
-    return [Feedback.from_dict(f) for f in item["f"]]
+def decode(line: bytes) -> LoggedRequest | list[Feedback]:
+    """The item of one line (with its newline: one without was cut short); MalformedEvent if none."""
+    if not line.endswith(b"\n"):
+        raise MalformedEvent("a log line cut short")
+    kind, line = line[:1], line[1:-1]
+    try:
+        if kind == b"r":
+            header, body = line.split(b"\t", 1)
+            event_id, ts_ms, model, version, role, request_id, rows = orjson.loads(header)
+            return LoggedRequest(event_id, ts_ms, model, version, role, request_id, rows, body)
+        if kind == b"f":
+            return [Feedback.from_dict(f) for f in orjson.loads(line)]
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise MalformedEvent(f"unreadable log line: {exc!r}") from exc
+    raise MalformedEvent(f"unreadable log line: kind {kind!r}")
 
 
 class Spool:
-    """Append-only JSON-lines files in a folder; replayed oldest first, deleted once stored."""
+    """Append-only files of pipe lines in a folder; replayed oldest first, deleted once stored.
 
-    def __init__(self, folder: Path, file_events: int = 20_000) -> None:
+    ``events`` counts what the spool holds in events (a request's rows, and labels). Files of the
+    first layout (``spool-*.jsonl``: one JSON event or label per line) are replayed first.
+    """
+
+    def __init__(self, folder: Path, file_items: int = 20_000) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._file_events = file_events
+        self._file_items = file_items
         self._current: Path | None = None
-        self._current_events = 0
-        self.events = sum(self._lines(path) for path in self.files())
+        self._current_items = 0
+        self.events = sum(_events(self._read(path)) for path in self.files())
+        self.events += sum(len(_read_legacy(path)) for path in self._legacy())
 
     def files(self) -> list[Path]:
+        return sorted(self.folder.glob("spool-*.spool"))
+
+    def _legacy(self) -> list[Path]:
         return sorted(self.folder.glob("spool-*.jsonl"))
 
-    def append(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
-        if not events and not feedback:
+    def append(self, items: Sequence[LoggedRequest | list[Feedback]]) -> None:
+        if not items:
             return
-        if self._current is None or self._current_events >= self._file_events or not self._current.exists():
+        if self._current is None or self._current_items >= self._file_items or not self._current.exists():
             files = self.files()
             number = int(files[-1].stem.split("-")[1]) + 1 if files else 1
-            self._current, self._current_events = self.folder / f"spool-{number:09d}.jsonl", 0
-        lines = [orjson.dumps({"e": e.to_dict()}) for e in events] + [
-            orjson.dumps({"f": f.to_dict()}) for f in feedback
-        ]
+            self._current, self._current_items = self.folder / f"spool-{number:09d}.spool", 0
         with self._current.open("ab") as handle:
-            handle.write(b"\n".join(lines) + b"\n")
+            handle.write(b"".join(encode(item) for item in items))
             handle.flush()
             os.fsync(handle.fileno())
-        self._current_events += len(lines)
-        self.events += len(lines)
+        self._current_items += len(items)
+        self.events += _events(items)
 
-    def replay(self, write: Callable[[list[InferenceEvent], list[Feedback]], None], chunk: int) -> None:
-        """Write every spooled record through ``write``, oldest first; raises if the store fails."""
+    def replay(self, write: Writer, chunk: int) -> None:
+        """Write every spooled item through ``write``, oldest first; raises if the store fails."""
+        for path in self._legacy():
+            items = _read_legacy(path)
+            for start in range(0, len(items), chunk):
+                part = items[start : start + chunk]
+                events = [i for i in part if isinstance(i, InferenceEvent)]
+                write([], [i for i in part if isinstance(i, Feedback)], events)
+            path.unlink()
+            self.events = max(0, self.events - len(items))
         for path in self.files():
             if path == self._current:
                 self._current = None  # start a new file for anything appended from now on
-            events: list[InferenceEvent] = []
-            feedback: list[Feedback] = []
-            for line in path.read_bytes().splitlines():
-                try:
-                    item = orjson.loads(line)
-                    if "e" in item:
-                        events.append(InferenceEvent.from_dict(item["e"]))
-                    else:
-                        feedback.append(Feedback.from_dict(item["f"]))
-                except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError):
-                    log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
-                if len(events) + len(feedback) >= chunk:
-                    write(events, feedback)
-                    events, feedback = [], []
-            write(events, feedback)
-            count = self._lines(path)
+            items = self._read(path)
+            for start in range(0, len(items), chunk):
+                part = items[start : start + chunk]
+                write(
+                    [i for i in part if isinstance(i, LoggedRequest)],
+                    [f for i in part if not isinstance(i, LoggedRequest) for f in i],
+                )
             path.unlink()
-            self.events = max(0, self.events - count)
+            self.events = max(0, self.events - _events(items))
 
     @staticmethod
-    def _lines(path: Path) -> int:
-        with contextlib.suppress(OSError):
-            return path.read_bytes().count(b"\n")
-        return 0
+    def _read(path: Path) -> list[LoggedRequest | list[Feedback]]:
+        items: list[LoggedRequest | list[Feedback]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for line in io.BytesIO(path.read_bytes()):  # lines end at b"\n" only, and keep it
+                try:
+                    items.append(decode(line))
+                except MalformedEvent:
+                    log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
+        return items
+
+
+def _read_legacy(path: Path) -> list[InferenceEvent | Feedback]:
+    items: list[InferenceEvent | Feedback] = []
+    for line in path.read_bytes().splitlines():
+        try:
+            item = orjson.loads(line)
+            items.append(
+                InferenceEvent.from_dict(item["e"]) if "e" in item else Feedback.from_dict(item["f"])
+            )
+        except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError):
+            log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
+    return items
+
+
+def _events(items: Sequence[LoggedRequest | list[Feedback]]) -> int:
+    return sum(item.rows if isinstance(item, LoggedRequest) else len(item) for item in items)
 
 
 class LogWriter:
@@ -227,7 +206,7 @@ class LogWriter:
     ) -> None:
         self.store = store
         self.spool = Spool(spool_dir)
-        self._pending: collections.deque[Record | list[Feedback]] = collections.deque()
+        self._pending: collections.deque[LoggedRequest | list[Feedback]] = collections.deque()
         self._batch_events = batch_events
         self._flush_s = flush_ms / 1000
         self._retry_s = retry_s
@@ -245,7 +224,7 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: Record | list[Feedback]) -> None:
+    def submit(self, item: LoggedRequest | list[Feedback]) -> None:
         self._pending.append(item)
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -271,17 +250,20 @@ class LogWriter:
     def _drain(self) -> None:
         pending = self._pending
         while pending:
-            events: list[InferenceEvent] = []
+            requests: list[LoggedRequest] = []
             feedback: list[Feedback] = []
-            while pending and len(events) + len(feedback) < self._batch_events:
+            size = 0  # in events
+            while pending and size < self._batch_events:
                 item = pending.popleft()
-                if isinstance(item, Record):
-                    events += expand(item)
+                if isinstance(item, LoggedRequest):
+                    requests.append(item)
+                    size += item.rows
                 else:
                     feedback += item
-            self._deliver(events, feedback)
+                    size += len(item)
+            self._deliver(requests, feedback)
 
-    def _deliver(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
+    def _deliver(self, requests: list[LoggedRequest], feedback: list[Feedback]) -> None:
         """To the store when it is up and nothing is spooled; else behind the spool, in order."""
         now = time.monotonic()
         if self.spool.events:
@@ -292,25 +274,29 @@ class LogWriter:
                 except BackendUnavailable as exc:
                     self._down(exc)
             if self.spool.events:  # still a backlog: new records queue behind it
-                self._to_spool(events, feedback)
+                self._to_spool(requests, feedback)
                 return
         elif not self._store_up and now < self._next_retry:
-            self._to_spool(events, feedback)
+            self._to_spool(requests, feedback)
             return
         try:
-            self._write(events, feedback)
+            self._write(requests, feedback)
             self._up()
         except BackendUnavailable as exc:
             self._down(exc)
-            self._to_spool(events, feedback)
+            self._to_spool(requests, feedback)
 
-    def _to_spool(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
-        self.spool.append(events, feedback)
-        self.stats["spooled"] += len(events)
+    def _to_spool(self, requests: list[LoggedRequest], feedback: list[Feedback]) -> None:
+        self.spool.append([*requests, feedback] if feedback else requests)
+        self.stats["spooled"] += _events(requests)
 
-    def _write(self, events: list[InferenceEvent], feedback: list[Feedback]) -> None:
-        if events:
-            result = self.store.write(events)
+    def _write(
+        self, requests: list[LoggedRequest], feedback: list[Feedback], events: Sequence[InferenceEvent] = ()
+    ) -> None:
+        results = [self.store.write_requests(requests)] if requests else []
+        if events:  # only from a spool of the first layout
+            results.append(self.store.write(events))
+        for result in results:
             self.stats["written"] += result.written + result.duplicates
             if result.rejected:
                 self.stats["rejected"] += len(result.rejected)
@@ -354,11 +340,11 @@ class InferenceLogger:
 
     # --- the request path: one encode, one append -----------------------------------------
 
-    def log(self, record: Record) -> None:
+    def log(self, request: InferenceRequest) -> None:
         if len(self._pending) >= self._capacity:
-            DROPPED.inc(len(next(iter(record.inputs.values()))) if record.inputs else 1)
+            DROPPED.inc(request.rows)
             return
-        self._pending.append(encode(record))
+        self._pending.append(encode_request(request))
 
     def feedback(self, items: list[Feedback]) -> bool:
         """Queue labels; False when the queue is full (the caller answers 503 and the client retries)."""
@@ -436,6 +422,10 @@ def main() -> int:
     # going until its input ends, so what it was handed is written, not lost.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # When the cores are busy, answering requests comes first: the writer catches up in the gaps
+    # (the server's queue and the pipe hold what it has not read yet; a full queue drops and counts).
+    with contextlib.suppress(OSError):
+        os.nice(WRITER_NICENESS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s log-writer %(levelname)s %(message)s")
     from mlops.settings import load_settings
     from monitoring.logstore import get_log_store
@@ -453,7 +443,7 @@ def main() -> int:
     for line in sys.stdin.buffer:
         try:
             writer.submit(decode(line))
-        except (orjson.JSONDecodeError, MalformedEvent, TypeError, KeyError):
+        except MalformedEvent:
             log.error("skipping an unreadable record from the model server")
     writer.close()
     return 0

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from mlops.errors import BackendUnavailable, ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, MalformedEvent
+from monitoring.events import Feedback, InferenceEvent, Labelled, LoggedRequest, MalformedEvent
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 log = logging.getLogger(__name__)
@@ -378,6 +378,17 @@ class SearchLogStore:
                 f"{self.client.flavour}: {len(retry)} of {len(events)} events refused for now"
             )
         return WriteResult(written, duplicates, rejected)
+
+    def write_requests(self, requests: Sequence[LoggedRequest]) -> WriteResult:
+        events: list[InferenceEvent] = []
+        unreadable: list[str] = []
+        for request in requests:
+            try:
+                events += request.events()
+            except MalformedEvent as exc:
+                unreadable.append(f"{request.event_id}: {exc}")
+        result = self.write(events)
+        return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:
         if not feedback:

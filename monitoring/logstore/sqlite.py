@@ -5,9 +5,14 @@ processes (DuckDB allows no reader in another process while one has it open for 
 committed transaction survives a crash of the writer. ``synchronous=FULL`` makes it survive a
 power cut too, at one fsync per batch (the logger writes batches, so that is cheap).
 
-Events are keyed by ``event_id`` (INSERT OR IGNORE: a replayed batch adds nothing twice); the
-event's body is JSON; reads page by (ts_ms, event_id) keyset, so a window of any size is read
-without OFFSET.
+Written in requests, read in rows: a record is a whole request as the model server encoded it
+(kind ``r``: the columns of its header and its payload, expanded to one event per row when read)
+or a single event written on its own (kind ``e``). Writing a request costs one row insert and no
+decoding, whatever its size: that is what keeps the log writer's CPU off the model server's
+cores. Records are keyed by their event id (INSERT OR IGNORE: a replayed batch adds nothing
+twice); every row of a record shares its time, model, version and role, so window filters are
+exact on records; reads page by (ts_ms, key) keyset, so a window of any size is read without
+OFFSET.
 """
 
 from __future__ import annotations
@@ -17,27 +22,36 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import orjson
 
 from mlops.errors import BackendUnavailable, ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, MalformedEvent
+from monitoring.events import (
+    Feedback,
+    InferenceEvent,
+    Labelled,
+    LoggedRequest,
+    MalformedEvent,
+)
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
-PAGE = 2000
+PAGE = 2000  # records per read
+_SCHEMA_VERSION = 2  # PRAGMA user_version; 1 kept one row per event in a table "events"
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    event_id TEXT NOT NULL UNIQUE,
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT NOT NULL UNIQUE,
     ts_ms INTEGER NOT NULL,
     model TEXT NOT NULL,
     version TEXT NOT NULL,
     role TEXT NOT NULL,
     request_id TEXT NOT NULL,
-    row INTEGER NOT NULL,
-    body BLOB NOT NULL
+    rows INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    kind TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_model_time ON events (model, ts_ms, event_id);
+CREATE INDEX IF NOT EXISTS records_by_model_time ON records (model, ts_ms, key);
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL,
     row INTEGER NOT NULL,
@@ -46,6 +60,17 @@ CREATE TABLE IF NOT EXISTS feedback (
     PRIMARY KEY (request_id, row)
 );
 """
+_MIGRATE_EVENTS = """
+INSERT OR IGNORE INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)
+    SELECT event_id, ts_ms, model, version, role, request_id, 1, body, 'e' FROM events;
+DROP TABLE events;
+"""
+_INSERT = (
+    "INSERT OR IGNORE INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_REQUEST = _INSERT.replace("?)", "'r')")
+_RECORD = "kind, key, ts_ms, model, version, role, request_id, rows, body"  # kind, then a LoggedRequest
 
 
 class SqliteLogStore:
@@ -61,8 +86,7 @@ class SqliteLogStore:
         self._local = threading.local()  # one connection per thread (sqlite3 objects are not shared)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(_SCHEMA)
+            self._migrate(self._connect())
         except (OSError, sqlite3.Error) as exc:
             raise BackendUnavailable(f"log store {path} cannot be opened: {exc}") from exc
 
@@ -75,31 +99,61 @@ class SqliteLogStore:
             self._local.db = db
         return db
 
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Create the tables; a file of the first layout (a row per event) keeps its events."""
+        if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                db.execute(statement)
+            old = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+            ).fetchone()
+            if old:
+                for statement in _MIGRATE_EVENTS.split(";"):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     # --- writes ------------------------------------------------------------------------------
 
     def write(self, events: Sequence[InferenceEvent]) -> WriteResult:
-        rows = [
-            (e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, e.row, orjson.dumps(e.to_dict()))
+        records = [
+            (e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, 1, orjson.dumps(e.to_dict()), "e")
             for e in events
         ]
+        return self._insert(_INSERT, records)
+
+    def write_requests(self, requests: Sequence[LoggedRequest]) -> WriteResult:
+        return self._insert(_INSERT_REQUEST, requests)
+
+    def _insert(self, sql: str, records: Sequence[Sequence[Any]]) -> WriteResult:
+        """One transaction; the counts are in events (a record holds ``rows`` of them)."""
+        total = sum(r[6] for r in records)
         try:
             db = self._connect()
             db.execute("BEGIN IMMEDIATE")
             try:
                 before = db.total_changes
-                db.executemany(
-                    "INSERT OR IGNORE INTO events (event_id, ts_ms, model, version, role, request_id, row, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                written = db.total_changes - before
+                db.executemany(sql, records)
+                if db.total_changes - before == len(records):
+                    written = total
+                else:  # some were stored already (a replay): count record by record
+                    db.execute("ROLLBACK")
+                    db.execute("BEGIN IMMEDIATE")
+                    written = sum(r[6] for r in records if db.execute(sql, r).rowcount == 1)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: write failed: {exc}") from exc
-        return WriteResult(written=written, duplicates=len(rows) - written, rejected=[])
+        return WriteResult(written=written, duplicates=total - written, rejected=[])
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:
         rows = [(f.request_id, f.row, orjson.dumps(f.label), f.ts_ms) for f in feedback]
@@ -125,10 +179,9 @@ class SqliteLogStore:
         role: str | None = None,
         stats: ReadStats | None = None,
     ) -> Iterator[InferenceEvent]:
-        for body, _ in self._pages(model, start_ms, end_ms, version, role, with_labels=False):
-            event = _parse(body, stats)
-            if event is not None:
-                yield event
+        for page in self._pages(model, start_ms, end_ms, version, role):
+            for record in page:
+                yield from _expand(record, stats)
 
     def labelled(
         self,
@@ -138,60 +191,88 @@ class SqliteLogStore:
         version: str | None = None,
         stats: ReadStats | None = None,
     ) -> Iterator[Labelled]:
-        for body, label in self._pages(model, start_ms, end_ms, version, None, with_labels=True):
-            event = _parse(body, stats)
-            if event is not None:
-                yield Labelled(event, orjson.loads(label) if label is not None else None)
+        for page in self._pages(model, start_ms, end_ms, version, None):
+            labels = self._labels(sorted({record[6] for record in page}))
+            for record in page:
+                for event in _expand(record, stats):
+                    label = labels.get((event.request_id, event.row))
+                    yield Labelled(event, orjson.loads(label) if label is not None else None)
+
+    def _labels(self, request_ids: list[str]) -> dict[tuple[str, int], bytes]:
+        sql = (
+            "SELECT request_id, row, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))"
+        )
+        try:
+            rows = self._connect().execute(sql, [orjson.dumps(request_ids).decode()]).fetchall()
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+        return {(request_id, row): label for request_id, row, label in rows}
 
     def _pages(
-        self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None, with_labels: bool
-    ) -> Iterator[tuple[bytes, bytes | None]]:
+        self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """The window's records (``_RECORD`` columns), a page at a time."""
         where, params = _window(model, start_ms, end_ms, version, role)
-        label = "f.label" if with_labels else "NULL"
-        join = "LEFT JOIN feedback f ON f.request_id = e.request_id AND f.row = e.row" if with_labels else ""
         sql = (
-            f"SELECT e.body, {label}, e.ts_ms, e.event_id FROM events e {join} WHERE {where}"
-            " AND (e.ts_ms > ? OR (e.ts_ms = ? AND e.event_id > ?)) ORDER BY e.ts_ms, e.event_id LIMIT ?"
+            f"SELECT {_RECORD} FROM records WHERE {where}"
+            " AND (ts_ms > ? OR (ts_ms = ? AND key > ?)) ORDER BY ts_ms, key LIMIT ?"
         )
-        after_ts, after_id = -1, ""
+        after_ts, after_key = -1, ""
         while True:
             try:
-                page = self._connect().execute(sql, [*params, after_ts, after_ts, after_id, PAGE]).fetchall()
+                page = self._connect().execute(sql, [*params, after_ts, after_ts, after_key, PAGE]).fetchall()
             except sqlite3.Error as exc:
                 raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
-            for body, label, _, _ in page:
-                yield body, label
+            yield page
             if len(page) < PAGE:
                 return
-            after_ts, after_id = page[-1][2], page[-1][3]
+            after_ts, after_key = page[-1][2], page[-1][1]
 
     def count(
         self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None
     ) -> int:
         where, params = _window(model, start_ms, end_ms, version, role)
-        return self._scalar(f"SELECT COUNT(*) FROM events e WHERE {where}", params)
+        return self._scalar(f"SELECT COALESCE(SUM(rows), 0) FROM records WHERE {where}", params)
 
     def models(self) -> list[str]:
         try:
-            return [r[0] for r in self._connect().execute("SELECT DISTINCT model FROM events ORDER BY model")]
+            return [
+                r[0] for r in self._connect().execute("SELECT DISTINCT model FROM records ORDER BY model")
+            ]
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
-        where, params = ("WHERE model = ?", [model, limit]) if model is not None else ("", [limit])
-        sql = f"SELECT body FROM events {where} ORDER BY ts_ms DESC, event_id DESC LIMIT ?"
+        where, params = ("WHERE model = ?", [model]) if model is not None else ("", [])
+        sql = f"SELECT {_RECORD} FROM records {where} ORDER BY ts_ms DESC, key DESC LIMIT ?"
         try:
-            rows = self._connect().execute(sql, params).fetchall()
+            # A record holds at least one event: `limit` records are enough, and fewer usually are.
+            records = self._connect().execute(sql, [*params, limit]).fetchall()
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
-        events = [e for e in (_parse(body, None) for (body,) in rows) if e is not None]
-        return events[::-1]
+        newest: list[list[InferenceEvent]] = []
+        found = 0
+        for record in records:
+            if found >= limit:
+                break
+            newest.append(_expand(record, None))
+            found += len(newest[-1])
+        events = [event for record in reversed(newest) for event in record]
+        return events[len(events) - limit :] if limit > 0 else []
 
     def prune(self, older_than_ms: int) -> int:
         try:
             db = self._connect()
-            gone = db.execute("DELETE FROM events WHERE ts_ms < ?", [older_than_ms]).rowcount
-            db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                sql = "SELECT COALESCE(SUM(rows), 0) FROM records WHERE ts_ms < ?"
+                gone = int(db.execute(sql, [older_than_ms]).fetchone()[0])
+                db.execute("DELETE FROM records WHERE ts_ms < ?", [older_than_ms])
+                db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: prune failed: {exc}") from exc
         return gone
@@ -220,20 +301,23 @@ class SqliteLogStore:
 def _window(
     model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
 ) -> tuple[str, list[object]]:
-    """The WHERE clause (over ``events e``) selecting one model's window, version and role."""
-    where = ["e.model = ?", "e.ts_ms >= ?", "e.ts_ms < ?"]
+    """The WHERE clause selecting one model's records in a window, of one version and role."""
+    where = ["model = ?", "ts_ms >= ?", "ts_ms < ?"]
     params: list[object] = [model, start_ms, end_ms]
     for column, value in (("version", version), ("role", role)):
         if value is not None:
-            where.append(f"e.{column} = ?")
+            where.append(f"{column} = ?")
             params.append(value)
     return " AND ".join(where), params
 
 
-def _parse(body: bytes, stats: ReadStats | None) -> InferenceEvent | None:
+def _expand(record: tuple[Any, ...], stats: ReadStats | None) -> list[InferenceEvent]:
+    """A record's events; a malformed record is skipped and counted, never raised to the reader."""
     try:
-        return InferenceEvent.from_dict(orjson.loads(body))
-    except (orjson.JSONDecodeError, MalformedEvent, TypeError):
+        if record[0] == "r":
+            return LoggedRequest(*record[1:]).events()
+        return [InferenceEvent.from_dict(orjson.loads(record[-1]))]
+    except (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError):
         if stats is not None:
             stats.malformed += 1
-        return None
+        return []

@@ -17,6 +17,7 @@ import pytest
 
 from monitoring.logstore import get_log_store
 from serving.examples import fraud_transformer, save_mlp
+from serving.logger import Spool
 from tests.conftest import free_port
 from tests.esproxy import ElasticsearchProxy
 from tests.integration.conftest import store_url
@@ -103,7 +104,7 @@ def test_every_event_arrives_through_an_outage_and_a_restart(kind, tmp_path, mod
                 time.sleep(1.0)
                 server.stop()  # a clean stop while the store is away: the queue drains to the spool
         spool = tmp_path / "state" / "serving" / "spool"
-        spooled_at_stop = sum(p.read_bytes().count(b"\n") for p in spool.glob("spool-*.jsonl"))
+        spooled_at_stop = Spool(spool).events
         with model_server(tmp_path / "state", **settings) as restarted:
             send(restarted.url, 20)  # the restarted server replays its spool, then logs these
             sent += 20

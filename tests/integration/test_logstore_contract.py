@@ -6,9 +6,10 @@ from __future__ import annotations
 import sqlite3
 import uuid
 
+import numpy as np
 import pytest
 
-from monitoring.events import Feedback, InferenceEvent
+from monitoring.events import Feedback, InferenceEvent, InferenceRequest, LoggedRequest
 from monitoring.logstore import ReadStats, get_log_store
 from tests.integration.conftest import store_url
 
@@ -114,8 +115,8 @@ def plant_malformed(store, ts_ms: int) -> None:
     if store.kind == "sqlite":
         with sqlite3.connect(store.path) as db:
             db.execute(
-                "INSERT INTO events (event_id, ts_ms, model, version, role, request_id, row, body)"
-                " VALUES ('bad', ?, 'fraud', '1', 'stable', 'r', 0, ?)",
+                "INSERT INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)"
+                " VALUES ('bad', ?, 'fraud', '1', 'stable', 'r', 1, ?, 'e')",
                 (ts_ms, b"{not json"),
             )
         return
@@ -142,3 +143,92 @@ def test_prune_drops_what_is_older_than_the_retention(store):
     assert store.prune(T0 - day) >= 1
     store.refresh()
     assert [e.event_id for e in store.query("fraud", T0 - 10 * day, T0 + 1)] == ["ev-0000002"]
+
+
+def request(i: int, rows: int, version: str = "1", role: str = "stable") -> InferenceRequest:
+    """A request of ``rows`` rows as the model server logs it (columns; a failed one has none)."""
+    if rows == 0:
+        return InferenceRequest(
+            f"rq-{i:05d}", T0 + i, "fraud", version, role, f"req-{i}", 1.5, {}, {}, "error", "boom"
+        )
+    return InferenceRequest(
+        event_id=f"rq-{i:05d}", ts_ms=T0 + i, model="fraud", version=version, role=role, request_id=f"req-{i}",
+        latency_ms=1.5, inputs={"amount": np.arange(rows, dtype=np.float64) + i, "country": np.array(["DE"] * rows, dtype=object)},
+        outputs={"label": np.array(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5, np.float32)},
+    )  # fmt: skip
+
+
+def test_a_request_is_stored_as_one_event_per_row(store):
+    requests = [request(1, 1), request(2, 12), request(3, 0)]
+    result = store.write_requests([r.logged() for r in requests])
+    store.refresh()
+    assert (result.written, result.duplicates, result.rejected) == (14, 0, [])
+    back = list(store.query("fraud", T0, T0 + 10))
+    assert back == [e for r in requests for e in r.events()]
+    assert [e.event_id for e in back] == sorted(e.event_id for e in back)  # rq-00002-10 before rq-00002-2
+    assert back[13].status == "error" and back[13].error == "boom"
+    assert store.count("fraud", T0 + 2, T0 + 3) == 12 and store.count("fraud", T0, T0 + 10) == 14
+
+
+def test_a_request_written_twice_counts_its_rows_once(store):
+    first = store.write_requests([request(i, 3).logged() for i in range(4)])
+    again = store.write_requests([request(i, 3).logged() for i in range(2, 6)])
+    store.refresh()
+    assert (first.written, first.duplicates) == (12, 0)
+    assert (again.written, again.duplicates) == (6, 6)
+    assert store.count("fraud", T0, T0 + 10) == 18
+
+
+def test_windows_filters_labels_and_latest_over_requests(store):
+    store.write_requests([request(i, 2, version=str(1 + i % 2), role="canary" if i == 3 else "stable").logged() for i in range(6)])  # fmt: skip
+    store.write_feedback([Feedback("req-4", 1, "fraud")])
+    store.refresh()
+    assert store.count("fraud", T0 + 1, T0 + 4) == 6
+    assert store.count("fraud", T0, T0 + 10, version="2") == 6
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, role="canary")] == [
+        "rq-00003-0",
+        "rq-00003-1",
+    ]
+    labels = {(x.event.request_id, x.event.row): x.label for x in store.labelled("fraud", T0 + 4, T0 + 5)}
+    assert labels == {("req-4", 0): None, ("req-4", 1): "fraud"}
+    assert [e.event_id for e in store.latest("fraud", 3)] == ["rq-00004-1", "rq-00005-0", "rq-00005-1"]
+
+
+def test_a_request_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
+    good = request(1, 2).logged()
+    bad = LoggedRequest("rq-bad", T0 + 2, "fraud", "1", "stable", "req-bad", 3, b'{"schema_version": 1, "inp')
+    result = store.write_requests([good, bad])
+    store.refresh()
+    stats = ReadStats()
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, stats=stats)] == [
+        "rq-00001-0",
+        "rq-00001-1",
+    ]
+    # The search stores expand on write and refuse it; the embedded store reads it only when asked.
+    assert (len(result.rejected), stats.malformed) == ((0, 1) if store.kind == "sqlite" else (1, 0))
+
+
+def test_an_embedded_store_of_the_first_layout_keeps_its_events(tmp_path):
+    """A file written by the first layout (a row per event, table ``events``) opens with its events."""
+    import orjson
+
+    path = tmp_path / "inference.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE events (event_id TEXT NOT NULL UNIQUE, ts_ms INTEGER NOT NULL, model TEXT NOT NULL,"
+            " version TEXT NOT NULL, role TEXT NOT NULL, request_id TEXT NOT NULL, row INTEGER NOT NULL,"
+            " body BLOB NOT NULL)"
+        )
+        db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, e.row, orjson.dumps(e.to_dict()))
+             for e in (event(i) for i in range(5))],
+        )  # fmt: skip
+    store = get_log_store(f"sqlite:///{path}")
+    store.write_requests([request(9, 2).logged()])
+    assert list(store.query("fraud", T0, T0 + 5)) == [event(i) for i in range(5)]
+    assert store.count("fraud", T0, T0 + 10) == 7
+    store.close()
+    with sqlite3.connect(path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "events" not in tables and get_log_store(f"sqlite:///{path}").count("fraud", T0, T0 + 10) == 7

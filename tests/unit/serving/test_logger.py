@@ -6,11 +6,12 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback
+from monitoring.events import Feedback, InferenceRequest, MalformedEvent
 from monitoring.logstore import WriteResult
-from serving.logger import InferenceLogger, LogWriter, Record, Spool, decode, encode, expand
+from serving.logger import InferenceLogger, LogWriter, Spool, decode, encode, encode_request
 
 
 class FlakyStore:
@@ -25,6 +26,9 @@ class FlakyStore:
         self.up = threading.Event()
         self.up.set()
         self.closed = False
+
+    def write_requests(self, requests):
+        return self.write([e for r in requests for e in r.events()])
 
     def write(self, events):
         if not self.up.is_set():
@@ -47,9 +51,9 @@ class FlakyStore:
         self.closed = True
 
 
-def record(i: int, rows: int = 2) -> Record:
-    return Record(
-        model="fraud", version="1", role="stable", request_id=f"req-{i}", event_id=f"{i:06d}", ts_ms=1_000 + i,
+def request(i: int, rows: int = 2) -> InferenceRequest:
+    return InferenceRequest(
+        event_id=f"{i:06d}", ts_ms=1_000 + i, model="fraud", version="1", role="stable", request_id=f"req-{i}",
         latency_ms=0.4, inputs={"amount": np.arange(rows, dtype=np.float64) + i, "country": np.asarray(["DE"] * rows, dtype=object)},
         outputs={"label": np.asarray(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5, np.float32)},
     )  # fmt: skip
@@ -62,8 +66,12 @@ def wait_until(condition, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_a_record_becomes_one_event_per_row_with_plain_values():
-    events = expand(record(7, rows=3))
+def record(i: int, rows: int = 2):
+    return request(i, rows).logged()
+
+
+def test_a_request_becomes_one_event_per_row_with_plain_values():
+    events = request(7, rows=3).events()
     assert [e.event_id for e in events] == ["000007-0", "000007-1", "000007-2"]
     assert events[1].inputs == {"amount": 8.0, "country": "DE"}
     assert events[1].outputs == {"label": "legit", "probabilities": [0.5, 0.5]}
@@ -71,8 +79,8 @@ def test_a_record_becomes_one_event_per_row_with_plain_values():
 
 
 def test_a_failed_request_is_one_error_event():
-    failed = Record("fraud", "1", "stable", "r", "e", 1, 2.0, {}, {}, status="error", error="boom")
-    (event,) = expand(failed)
+    failed = InferenceRequest("e", 1, "fraud", "1", "stable", "r", 2.0, {}, {}, status="error", error="boom")
+    (event,) = failed.events()
     assert (event.status, event.error, event.inputs) == ("error", "boom", {})
 
 
@@ -103,7 +111,7 @@ def test_a_clean_stop_drains_the_queue_to_the_spool_and_the_next_logger_replays_
     first.submit([Feedback("req-3", 1, "fraud")])
     first.close()
     assert store.closed and len(store.events) == 0
-    assert sum(1 for _ in (tmp_path / "spool").glob("spool-*.jsonl")) >= 1
+    assert Spool(tmp_path / "spool").events == 60 + 1
 
     store.up.set()
     second = LogWriter(FlakyStore(), tmp_path / "spool", batch_events=10, flush_ms=20, retry_s=0.05)
@@ -114,19 +122,20 @@ def test_a_clean_stop_drains_the_queue_to_the_spool_and_the_next_logger_replays_
 
 def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
     spool = Spool(tmp_path / "spool")
-    spool.append(expand(record(1)), [])
+    spool.append([record(1)])
     with spool.files()[0].open("ab") as handle:
-        handle.write(b'{"e": {"event_id": "half')  # the crash
+        handle.write(encode(record(2))[:-20])  # the crash
     replayed = []
-    spool.replay(lambda events, feedback: replayed.extend(events), chunk=100)
-    assert [e.event_id for e in replayed] == ["000001-0", "000001-1"]
+    spool.replay(lambda requests, feedback: replayed.extend(requests), chunk=100)
+    assert [e.event_id for r in replayed for e in r.events()] == ["000001-0", "000001-1"]
     assert not spool.files()
 
 
 def test_records_cross_the_pipe_unchanged():
-    original = record(5, rows=3)
-    back = decode(encode(original))
-    assert expand(back) == expand(original)
+    original = request(5, rows=3)
+    back = decode(encode(original.logged()))
+    assert back == original.logged()
+    assert back.events() == original.events()
     labels = [Feedback("req-5", 0, {"lost": 3.5}), Feedback("req-5", 1, "legit")]
     assert decode(encode(labels)) == labels
 
@@ -139,7 +148,7 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking():
     before = DROPPED._value.get()
     began = time.perf_counter()
     for i in range(150):
-        logger.log(record(i))
+        logger.log(request(i))
     assert time.perf_counter() - began < 0.5
     assert DROPPED._value.get() - before == 2 * 50
     assert logger.depth == 100
@@ -158,7 +167,7 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
     before = WRITTEN._value.get()
     logger = InferenceLogger([sys.executable, "-m", "serving.logger"], flush_ms=20)
     for i in range(40):
-        logger.log(record(i))
+        logger.log(request(i))
     logger.feedback([Feedback("req-1", 0, "fraud")])
     logger.close()
     store = get_log_store(url)
@@ -168,3 +177,76 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
         None,
     ]
     wait_until(lambda: WRITTEN._value.get() - before == 80)  # the writer's counts reach /metrics
+
+
+def test_a_request_of_many_rows_lists_its_events_in_event_id_order():
+    events = request(1, rows=12).events()
+    assert [e.event_id for e in events] == sorted(e.event_id for e in events)
+    assert sorted(e.row for e in events) == list(range(12))
+    assert all(e.inputs["amount"] == 1.0 + e.row for e in events)
+
+
+def test_a_logged_request_is_its_header_and_its_payload():
+    logged = request(3, rows=4).logged()
+    assert (logged.event_id, logged.model, logged.request_id, logged.rows) == ("000003", "fraud", "req-3", 4)
+    assert logged.events() == request(3, rows=4).events()
+    assert encode_request(request(3, rows=4)) == encode(logged)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"x{}\n",
+        b"r[1,2]\t{}\n",
+        b"rnot json\t{}\n",
+        b"r" + b'["a",1,"m","1","stable","q",1]' + b"\n",
+        b"f{]\n",
+    ],
+)
+def test_an_unreadable_pipe_line_is_malformed_not_a_crash(line):
+    with pytest.raises(MalformedEvent):
+        decode(line)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"schema_version": 99},
+        {"status": "maybe"},
+        {"inputs": {"amount": [1.0, 2.0], "country": ["DE"]}},
+        {"latency_ms": "noon"},
+        {"inputs": None},
+        {"rows": 3},
+        {"ts_ms": "noon"},
+    ],
+)
+def test_a_logged_request_that_does_not_fit_is_malformed(change):
+    import orjson
+
+    logged = request(1).logged()
+    header = {k: v for k, v in change.items() if k in logged._fields}
+    body = orjson.loads(logged.body) | {k: v for k, v in change.items() if k not in header}
+    with pytest.raises(MalformedEvent):
+        logged._replace(**header, body=orjson.dumps(body)).events()
+
+
+def test_a_spool_of_the_first_layout_is_replayed_too(tmp_path):
+    """Spool files written before requests were kept whole (a JSON event per line) still arrive."""
+    import orjson
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    old_events = request(1, rows=3).events()
+    lines = [orjson.dumps({"e": e.to_dict()}) for e in old_events] + [
+        orjson.dumps({"f": Feedback("req-1", 2, "fraud").to_dict()})
+    ]
+    (folder / "spool-000000007.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert Spool(folder).events == 4
+    store = FlakyStore()
+    writer = LogWriter(store, folder, batch_events=10, flush_ms=20, retry_s=0.05)
+    writer.submit(record(2))
+    wait_until(lambda: len(store.events) == 5)
+    writer.close()
+    assert store.order[:3] == [e.event_id for e in old_events]  # the old spool first, in order
+    assert store.labels == {"req-1:2": "fraud"} and not list(folder.iterdir())
