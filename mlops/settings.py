@@ -82,7 +82,9 @@ class ServingSettings(_Section):
     max_request_rows: int = Field(1024, ge=1, description="rows one request may carry")
     batch_max_rows: int = Field(256, ge=1, description="rows one compute batch may hold")
     batch_max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for more rows (0: never)")
-    threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per version")
+    threads: int | None = Field(
+        None, ge=1, description="compute threads per version (ONNX Runtime intra-op, PyTorch on the CPU)"
+    )
     health_timeout_s: float = Field(90.0, gt=0)
     target: str | None = Field(
         None, description="where `mlops serve` deploys; default: this model server's URL"

@@ -93,6 +93,7 @@ class VersionModel(kserve.Model):
                 inputs,
                 [s.name for s in bundle.signature.outputs],
                 exported=bundle.flavor == "torch_export",
+                threads=self._threads,
             )
         declared = self.runtime.declared
         signature = (declared or bundle.signature) if bundle.transformer else (bundle.signature or declared)
