@@ -14,8 +14,14 @@ wrk (a C load generator: a Python client would be the bottleneck on a 2-core mac
 raw in-process ONNX Runtime call, for scale.
 
     .venv/bin/python -m bench.serving [--duration 8] [--models small,wide] [--json results.json]
+        [--servers ours,ours-nolog] [--server-cpus 0-1 --load-cpus 4-11 --wrk-threads 4] [--work DIR]
 
-Needs ``wrk`` (Debian: apt-get install wrk). Not a test: it asserts nothing, it measures.
+On a machine with more cores, ``--server-cpus`` pins every server process (and the logger's writer
+process, which inherits the affinity) to a few CPUs, the size of the box it is meant for, and
+``--load-cpus`` keeps wrk off them, so the load generator does not steal the server's CPU.
+
+Needs ``wrk`` (Debian: apt-get install wrk) and ``taskset`` for pinning. Not a test: it asserts
+nothing, it measures.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 16, 64)
+SERVERS = ("plain", "floor", "ours", "ours-nolog")
 MODELS = {
     # name: (features, hidden, layers)
     "small": (16, 32, 1),
@@ -67,6 +74,40 @@ class Measure:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float = 0.0  # CPU time of the server process per answered request
+    cpu_us_children: float = 0.0  # of its children (our log writer) per answered request
+
+
+@dataclass(frozen=True)
+class Load:
+    """How wrk drives the servers: which CPUs the servers and wrk may use, and wrk's threads."""
+
+    server_cpus: str | None = None  # a taskset list (0-1), None: not pinned
+    load_cpus: str | None = None
+    wrk_threads: int = 2
+
+    def server(self, argv: list[str]) -> list[str]:
+        return pinned(argv, self.server_cpus)
+
+
+def cpu_list(spec: str | None, progress=None) -> str | None:
+    """A taskset CPU list clamped to the CPUs this process may use (all of them when none is left)."""
+    if not spec:
+        return None
+    wanted: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        wanted.update(range(int(first), int(last or first) + 1))
+    usable = os.sched_getaffinity(0)
+    kept = sorted(wanted & usable) or sorted(usable)
+    clamped = ",".join(map(str, kept))
+    if progress is not None and set(kept) != wanted:
+        progress(f"bench: CPUs {spec} are not all here; using {clamped}")
+    return clamped
+
+
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
 
 
 def free_port() -> int:
@@ -76,7 +117,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def process(
+    argv: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
@@ -90,7 +133,7 @@ def process(argv: list[str], ready_url: str, log: Path, env: dict[str, str] | No
             time.sleep(0.3)
         else:
             raise RuntimeError(f"{argv} not ready; see {log}")
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -99,15 +142,80 @@ def process(argv: list[str], ready_url: str, log: Path, env: dict[str, str] | No
             proc.kill()
 
 
-def wrk(url: str, body: str, concurrency: int, duration_s: int, work: Path) -> dict:
+def wrk(url: str, body: str, concurrency: int, duration_s: int, work: Path, load: Load = Load()) -> dict:
     script = work / "post.lua"
     script.write_text(WRK_SCRIPT.replace("BODY", body))
-    threads = 1 if concurrency == 1 else 2
-    done = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration_s}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    threads = max(1, min(load.wrk_threads, concurrency))
+    argv = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration_s}s", "-s", str(script), url]
+    done = subprocess.run(pinned(argv, load.load_cpus), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time used so far by a process, and by its live children (the log writer)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    own = sum(proc.cpu_times()[:2])
+    children = 0.0
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            children += sum(child.cpu_times()[:2])
+    return own, children
+
+
+def measure(
+    model: str, server: str, target: str, body: str, duration_s: int, work: Path, load: Load, progress,
+    pid: int | None = None,
+) -> list[Measure]:  # fmt: skip
+    """wrk against one server: a warm-up, then each concurrency (with the server's CPU per request)."""
+    wrk(target, body, 16, 2, work, load)  # warm-up
+    measures = []
+    for concurrency in CONCURRENCY:
+        before = cpu_seconds(pid) if pid else (0.0, 0.0)
+        result = wrk(target, body, concurrency, duration_s, work, load)
+        after = cpu_seconds(pid) if pid else (0.0, 0.0)
+        answered = max(1, result["requests"])
+        m = Measure(
+            model=model, server=server, concurrency=concurrency,
+            rps=result["requests"] / result["seconds"], p50_ms=result["p50_us"] / 1000,
+            p99_ms=result["p99_us"] / 1000, errors=result["errors"],
+            cpu_us=1e6 * (after[0] - before[0]) / answered, cpu_us_children=1e6 * (after[1] - before[1]) / answered,
+        )  # fmt: skip
+        measures.append(m)
+        progress(
+            f"{model:5} {server:10} c={concurrency:<3} {m.rps:9,.0f} req/s  p50 {m.p50_ms:7.3f} ms"
+            f"  p99 {m.p99_ms:7.2f} ms  errors {m.errors}  cpu/request {m.cpu_us:.0f} us"
+            f" (+{m.cpu_us_children:.0f} us children)"
+        )
+    return measures
+
+
+def ours_env(work: Path, name: str, port: int, logging_on: bool) -> dict[str, str]:
+    """The environment of ``python -m serving`` in the benchmark: its own state, the admin token."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
+        "MLOPS_STATE_DIR": str(work / f"{name}-state"),
+        "MLOPS_SERVING__PORT": str(port),
+        "MLOPS_SERVING__ADMIN_TOKEN": "bench",
+        "MLOPS_LOGS__ENABLED": "true" if logging_on else "false",  # every prediction to the log store
+    }
+
+
+def deploy(url: str, stable: Path, canary: Path | None = None) -> None:
+    """Our server: the model ``bench``, one stable version and, when given, a 10 % canary."""
+    admin = httpx.Client(
+        base_url=f"{url}/admin/v1/models", headers={"Authorization": "Bearer bench"}, timeout=120
+    )
+    with admin:
+        calls = [("POST", "/bench/versions", {"version": "1", "uri": str(stable), "role": "stable"})]
+        if canary is not None:
+            calls.append(("POST", "/bench/versions", {"version": "2", "uri": str(canary), "role": "canary"}))
+            calls.append(("PUT", "/bench/traffic", {"canary_percent": 10}))
+        for method, path, body in calls:
+            answer = admin.request(method, path, json=body)
+            if answer.is_error:  # the server's own words say why (a model that does not load, ...)
+                raise RuntimeError(f"{method} {path}: {answer.status_code} {answer.text[:1000]}")
 
 
 def raw_onnx(model_file: Path, row: list[float], seconds: float = 2.0) -> tuple[float, float]:
@@ -126,7 +234,15 @@ def raw_onnx(model_file: Path, row: list[float], seconds: float = 2.0) -> tuple[
     return calls / elapsed, 1000 * elapsed / calls
 
 
-def bench_model(name: str, duration_s: int, work: Path, progress) -> tuple[list[Measure], dict]:
+def bench_model(
+    name: str,
+    duration_s: int,
+    work: Path,
+    progress,
+    servers_wanted: tuple[str, ...] = SERVERS,
+    load: Load = Load(),
+    rounds: int = 1,
+) -> tuple[list[Measure], dict]:
     from serving.examples import save_mlp
 
     features, hidden, layers = MODELS[name]
@@ -153,73 +269,87 @@ def bench_model(name: str, duration_s: int, work: Path, progress) -> tuple[list[
         "/health",
         None,
     )
-    for server, logging_on in (("ours", "true"), ("ours-nolog", "false")):
+    for server, logging_on in (("ours", True), ("ours-nolog", False)):
         port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
-            "MLOPS_STATE_DIR": str(work / f"{name}-{server}-state"),
-            "MLOPS_SERVING__PORT": str(port),
-            "MLOPS_SERVING__ADMIN_TOKEN": "bench",
-            "MLOPS_LOGS__ENABLED": logging_on,  # every prediction to the embedded log store
-        }
+        env = ours_env(work, f"{name}-{server}", port, logging_on)
         servers[server] = ([python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env)
 
     measures = []
-    for server, (argv, url, ready, server_env) in servers.items():
-        with process(argv, url + ready, work / f"{name}-{server}.log", server_env):
+    # Rounds take turns (ours, ours-nolog, ours, ...), so a slow spell of the machine hits both.
+    for server, (argv, url, ready, server_env) in [s for _ in range(rounds) for s in servers.items()]:
+        if server not in servers_wanted:
+            continue
+        with process(load.server(argv), url + ready, work / f"{name}-{server}.log", server_env) as proc:
             if server.startswith("ours"):
-                admin = httpx.Client(
-                    base_url=f"{url}/admin/v1/models", headers={"Authorization": "Bearer bench"}, timeout=60
-                )
-                admin.post(
-                    "/bench/versions", json={"version": "1", "uri": str(stable), "role": "stable"}
-                ).raise_for_status()
-                admin.post(
-                    "/bench/versions", json={"version": "2", "uri": str(canary), "role": "canary"}
-                ).raise_for_status()
-                admin.put("/bench/traffic", json={"canary_percent": 10}).raise_for_status()
+                deploy(url, stable, canary)
             target = f"{url}/v1/models/bench:predict"
             check = httpx.post(target, content=body, headers={"content-type": "application/json"}, timeout=30)
             check.raise_for_status()
-            wrk(target, body, 16, 2, work)  # warm-up
-            for concurrency in CONCURRENCY:
-                result = wrk(target, body, concurrency, duration_s, work)
-                measure = Measure(
-                    model=name, server=server, concurrency=concurrency,
-                    rps=result["requests"] / result["seconds"], p50_ms=result["p50_us"] / 1000,
-                    p99_ms=result["p99_us"] / 1000, errors=result["errors"],
-                )  # fmt: skip
-                measures.append(measure)
-                progress(
-                    f"{name:5} {server:5} c={concurrency:<3} {measure.rps:9,.0f} req/s  p50 {measure.p50_ms:7.3f} ms"
-                    f"  p99 {measure.p99_ms:7.2f} ms  errors {measure.errors}"
-                )
+            measures += measure(name, server, target, body, duration_s, work, load, progress, proc.pid)
     return measures, {"raw_onnx_rps": raw_rps, "raw_onnx_ms": raw_ms}
 
 
+def ratios(
+    m: Measure, by: dict[tuple[str, int], Measure], rps_against: Sequence[str], p50_against: Sequence[str]
+) -> list[str]:
+    """Table cells: m's requests per second, then its p50, as ratios to baselines at its concurrency."""
+    cells = [f"{m.rps / by[(b, m.concurrency)].rps:.2f}x" for b in rps_against]
+    return cells + [f"{m.p50_ms / by[(b, m.concurrency)].p50_ms:.2f}x" for b in p50_against]
+
+
+def compare(
+    by: dict[tuple[str, int], Measure], first: str, second: str, line: Callable[[int, Measure, Measure], str]
+) -> list[str]:
+    """One line per concurrency at which both servers were measured."""
+    pairs = ((c, by.get((first, c)), by.get((second, c))) for c in CONCURRENCY)
+    return [line(c, a, b) for c, a, b in pairs if a is not None and b is not None]
+
+
+def medians(measures: list[Measure]) -> list[Measure]:
+    """One measure per (model, server, concurrency): the median of its rounds, field by field."""
+    groups: dict[tuple[str, str, int], list[Measure]] = {}
+    for m in measures:
+        groups.setdefault((m.model, m.server, m.concurrency), []).append(m)
+    return [
+        Measure(
+            model,
+            server,
+            concurrency,
+            *(float(np.median([getattr(m, f) for m in group])) for f in ("rps", "p50_ms", "p99_ms")),
+            sum(m.errors for m in group),
+            *(float(np.median([getattr(m, f) for m in group])) for f in ("cpu_us", "cpu_us_children")),
+        )  # fmt: skip
+        for (model, server, concurrency), group in groups.items()
+    ]
+
+
 def report(measures: list[Measure], raw: dict[str, dict]) -> str:
+    measures = medians(measures)
     lines = []
     for model in dict.fromkeys(m.model for m in measures):
         lines.append(
             f"\n**{model} MLP {MODELS[model][:2]}**: raw ONNX Runtime single row {raw[model]['raw_onnx_ms']:.3f} ms\n"
         )
-        lines.append(
-            "| server | c | req/s | p50 ms | p99 ms | errors | req/s vs plain | req/s vs floor | p50 vs plain |"
-        )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         by = {(m.server, m.concurrency): m for m in measures if m.model == model}
+        # The ratios are to the baselines measured in this run: plain kserve, the ASGI floor, and
+        # our server without its inference log when only ours ran.
+        present = {m.server for m in measures if m.model == model}
+        baselines = [b for b in ("plain", "floor") if b in present] or [
+            b for b in ("ours-nolog",) if b in present and len(present) > 1
+        ]
+        header = ["server", "c", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/req (+children)"]
+        header += [f"req/s vs {b}" for b in baselines] + [f"p50 vs {b}" for b in baselines[:1]]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + " --- |" * len(header))
         for m in (x for x in measures if x.model == model):
-            plain, floor = by[("plain", m.concurrency)], by[("floor", m.concurrency)]
-            lines.append(
-                f"| {m.server} | {m.concurrency} | {m.rps:,.0f} | {m.p50_ms:.3f} | {m.p99_ms:.2f} | {m.errors} "
-                f"| {m.rps / plain.rps:.2f}x | {m.rps / floor.rps:.2f}x | {m.p50_ms / plain.p50_ms:.2f}x |"
-            )
-        for concurrency in CONCURRENCY:
-            on, off = by.get(("ours", concurrency)), by.get(("ours-nolog", concurrency))
-            if on and off:
-                lines.append(
-                    f"\nlogging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={concurrency}"
-                )
+            cells = [m.server, str(m.concurrency), f"{m.rps:,.0f}", f"{m.p50_ms:.3f}", f"{m.p99_ms:.2f}"]
+            cells += [str(m.errors), f"{m.cpu_us:.0f} (+{m.cpu_us_children:.0f})"]
+            lines.append("| " + " | ".join(cells + ratios(m, by, baselines, baselines[:1])) + " |")
+        lines += compare(
+            by, "ours", "ours-nolog",
+            lambda c, on, off: f"\nlogging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={c}"
+            f" (p50 {on.p50_ms / off.p50_ms:.2f}x, p99 {on.p99_ms / off.p99_ms:.2f}x of ours-nolog)",
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -228,20 +358,67 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     parser.add_argument("--models", default="small,wide", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each server this many times, taking turns; report medians",
+    )
+    add_load_options(parser)
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated, of {','.join(SERVERS)}"
+    )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("bench: wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
-        return 2
+    servers = tuple(args.servers.split(","))
+    if unknown := set(servers) - set(SERVERS) or set(args.models.split(",")) - set(MODELS):
+        parser.error(f"unknown server or model: {', '.join(sorted(unknown))}")
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if (missing := missing_tools(args)) is not None:
+        progress(missing)
+        return 2
+    load = load_from(args, progress)
     measures, raw = [], {}
-    with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
+    with work_dir(args.work) as work:
         for name in args.models.split(","):
-            found, raw[name] = bench_model(name, args.duration, Path(tmp), progress)
+            found, raw[name] = bench_model(name, args.duration, work, progress, servers, load, args.rounds)
             measures += found
     print(report(measures, raw))
     if args.json:
         args.json.write_text(json.dumps({"measures": [asdict(m) for m in measures], "raw": raw}, indent=2))
     return 0
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The options every wrk-driven benchmark shares: pinning, wrk's threads, where files go."""
+    parser.add_argument("--server-cpus", help="taskset CPU list for the server processes (e.g. 0-1)")
+    parser.add_argument("--load-cpus", help="taskset CPU list for wrk (e.g. 4-11)")
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (at most one per connection)")
+    parser.add_argument("--work", type=Path, help="keep models and server logs here (default: a temp dir)")
+
+
+def missing_tools(args: argparse.Namespace) -> str | None:
+    if shutil.which("wrk") is None:
+        return "bench: wrk is not installed (Debian: apt-get install wrk)"
+    if (args.server_cpus or args.load_cpus) and shutil.which("taskset") is None:
+        return "bench: taskset is not installed (Debian: util-linux)"
+    return None
+
+
+def load_from(args: argparse.Namespace, progress) -> Load:
+    load = Load(cpu_list(args.server_cpus, progress), cpu_list(args.load_cpus, progress), args.wrk_threads)
+    if load.server_cpus or load.load_cpus:
+        progress(f"bench: servers on CPUs {load.server_cpus or 'any'}, wrk on CPUs {load.load_cpus or 'any'}")
+    return load
+
+
+@contextlib.contextmanager
+def work_dir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path.resolve()
+        return
+    with tempfile.TemporaryDirectory(prefix="mlops-bench-") as tmp:
+        yield Path(tmp)
 
 
 if __name__ == "__main__":
