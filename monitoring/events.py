@@ -135,6 +135,23 @@ class InferenceRequest:
         inputs = {name: _column(values) for name, values in self.inputs.items()}
         outputs = {name: _column(values) for name, values in self.outputs.items()}
         rows = range(len(next(iter(inputs.values()))))
+        if len(rows) == 1:  # most requests: no per-row comprehension
+            one = {name: column[0] for name, column in inputs.items()}
+            out = {name: column[0] for name, column in outputs.items()}
+            return [
+                InferenceEvent(
+                    f"{self.event_id}-0",
+                    self.ts_ms,
+                    self.model,
+                    self.version,
+                    self.role,
+                    self.request_id,
+                    0,
+                    one,
+                    out,
+                    self.latency_ms,
+                )  # fmt: skip
+            ]
         return [
             InferenceEvent(
                 event_id=f"{self.event_id}-{row}",
@@ -227,6 +244,8 @@ class LoggedRequest(NamedTuple):
 
 
 def _column(values: Any) -> list[Any]:
+    if type(values) is list:  # decoded from JSON: plain values already
+        return values
     if isinstance(values, np.ndarray):
         values = values.tolist()
     return [v.decode() if isinstance(v, bytes) else v for v in values]
