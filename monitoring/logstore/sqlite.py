@@ -17,6 +17,7 @@ OFFSET.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -86,8 +87,8 @@ class SqliteLogStore:
         self._local = threading.local()  # one connection per thread (sqlite3 objects are not shared)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._migrate(self._connect())
-        except (OSError, sqlite3.Error) as exc:
+            self._migrate()
+        except (OSError, BackendUnavailable) as exc:
             raise BackendUnavailable(f"log store {path} cannot be opened: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
@@ -99,13 +100,26 @@ class SqliteLogStore:
             self._local.db = db
         return db
 
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Create the tables; a file of the first layout (a row per event) keeps its events."""
-        if db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; a SQLite error is the store away."""
         try:
+            db = self._connect()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"log store {self.path}: {what} failed: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Create the tables; a file of the first layout (a row per event) keeps its events."""
+        if self._scalar("PRAGMA user_version", []) >= _SCHEMA_VERSION:
+            return
+        with self._transaction("creating the tables") as db:
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
             old = db.execute(
@@ -115,10 +129,6 @@ class SqliteLogStore:
                 for statement in _MIGRATE_EVENTS.split(";"):
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -135,37 +145,23 @@ class SqliteLogStore:
     def _insert(self, sql: str, records: Sequence[Sequence[Any]]) -> WriteResult:
         """One transaction; the counts are in events (a record holds ``rows`` of them)."""
         total = sum(r[6] for r in records)
-        try:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                before = db.total_changes
-                db.executemany(sql, records)
-                if db.total_changes - before == len(records):
-                    written = total
-                else:  # some were stored already (a replay): count record by record
-                    db.execute("ROLLBACK")
-                    db.execute("BEGIN IMMEDIATE")
-                    written = sum(r[6] for r in records if db.execute(sql, r).rowcount == 1)
-                db.execute("COMMIT")
-            except BaseException:
+        with self._transaction("write") as db:
+            before = db.total_changes
+            db.executemany(sql, records)
+            if db.total_changes - before == len(records):
+                written = total
+            else:  # some were stored already (a replay): count record by record
                 db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: write failed: {exc}") from exc
+                db.execute("BEGIN IMMEDIATE")
+                written = sum(r[6] for r in records if db.execute(sql, r).rowcount == 1)
         return WriteResult(written=written, duplicates=total - written, rejected=[])
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:
         rows = [(f.request_id, f.row, orjson.dumps(f.label), f.ts_ms) for f in feedback]
-        try:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction("feedback write") as db:
             db.executemany(
                 "INSERT OR REPLACE INTO feedback (request_id, row, label, ts_ms) VALUES (?, ?, ?, ?)", rows
             )
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: feedback write failed: {exc}") from exc
         return len(rows)
 
     # --- reads -------------------------------------------------------------------------------
@@ -261,20 +257,11 @@ class SqliteLogStore:
         return events[len(events) - limit :] if limit > 0 else []
 
     def prune(self, older_than_ms: int) -> int:
-        try:
-            db = self._connect()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                sql = "SELECT COALESCE(SUM(rows), 0) FROM records WHERE ts_ms < ?"
-                gone = int(db.execute(sql, [older_than_ms]).fetchone()[0])
-                db.execute("DELETE FROM records WHERE ts_ms < ?", [older_than_ms])
-                db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: prune failed: {exc}") from exc
+        with self._transaction("prune") as db:
+            sql = "SELECT COALESCE(SUM(rows), 0) FROM records WHERE ts_ms < ?"
+            gone = int(db.execute(sql, [older_than_ms]).fetchone()[0])
+            db.execute("DELETE FROM records WHERE ts_ms < ?", [older_than_ms])
+            db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
         return gone
 
     def refresh(self) -> None:
