@@ -116,57 +116,31 @@ class InferenceRequest:
     def events(self) -> list[InferenceEvent]:
         """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store)."""
         if self.status != "ok" or not self.inputs:
-            return [
-                InferenceEvent(
-                    f"{self.event_id}-0",
-                    self.ts_ms,
-                    self.model,
-                    self.version,
-                    self.role,
-                    self.request_id,
-                    0,
-                    {},
-                    {},
-                    self.latency_ms,
-                    "error",
-                    self.error,
-                )  # fmt: skip
-            ]
+            return [self._event(0, {}, {}, "error", self.error)]
         inputs = {name: _column(values) for name, values in self.inputs.items()}
         outputs = {name: _column(values) for name, values in self.outputs.items()}
         rows = range(len(next(iter(inputs.values()))))
-        if len(rows) == 1:  # most requests: no per-row comprehension
-            one = {name: column[0] for name, column in inputs.items()}
-            out = {name: column[0] for name, column in outputs.items()}
-            return [
-                InferenceEvent(
-                    f"{self.event_id}-0",
-                    self.ts_ms,
-                    self.model,
-                    self.version,
-                    self.role,
-                    self.request_id,
-                    0,
-                    one,
-                    out,
-                    self.latency_ms,
-                )  # fmt: skip
-            ]
         return [
-            InferenceEvent(
-                event_id=f"{self.event_id}-{row}",
-                ts_ms=self.ts_ms,
-                model=self.model,
-                version=self.version,
-                role=self.role,
-                request_id=self.request_id,
-                row=row,
-                inputs={name: column[row] for name, column in inputs.items()},
-                outputs={name: column[row] for name, column in outputs.items()},
-                latency_ms=self.latency_ms,
+            self._event(
+                row,
+                {name: column[row] for name, column in inputs.items()},
+                {name: column[row] for name, column in outputs.items()},
             )
             for row in (sorted(rows, key=str) if len(rows) > 10 else rows)
         ]
+
+    def _event(
+        self,
+        row: int,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any],
+        status: str = "ok",
+        error: str | None = None,
+    ) -> InferenceEvent:
+        return InferenceEvent(
+            f"{self.event_id}-{row}", self.ts_ms, self.model, self.version, self.role, self.request_id,
+            row, inputs, outputs, self.latency_ms, status, error,
+        )  # fmt: skip
 
     def header(self) -> tuple[str, int, str, str, str, str, int]:
         """What a store indexes: (event_id, ts_ms, model, version, role, request_id, rows)."""
