@@ -78,13 +78,17 @@ WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writ
 def encode(item: LoggedRequest | Sequence[Feedback]) -> bytes:
     """One line of the pipe (and of the spool)."""
     if isinstance(item, LoggedRequest):
-        return b"r%b\t%b\n" % (orjson.dumps(item[:7]), item.body)
+        return _request_line(item[:7], item.body)
     return b"f%b\n" % orjson.dumps([f.to_dict() for f in item])
 
 
 def encode_request(request: InferenceRequest) -> bytes:
     """``encode(request.logged())`` without the tuple in between: this runs on the request path."""
-    return b"r%b\t%b\n" % (orjson.dumps(request.header()), request.payload())
+    return _request_line(request.header(), request.payload())
+
+
+def _request_line(header: tuple[object, ...], body: bytes) -> bytes:
+    return b"r%b\t%b\n" % (orjson.dumps(header), body)
 
 
 def decode(line: bytes) -> LoggedRequest | list[Feedback]:
@@ -117,14 +121,13 @@ class Spool:
         self._file_items = file_items
         self._current: Path | None = None
         self._current_items = 0
-        self.events = sum(_events(self._read(path)) for path in self.files())
-        self.events += sum(len(_read_legacy(path)) for path in self._legacy())
+        self.events = sum(_events(_read(path)) for path in self._replay_order())
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("spool-*.spool"))
 
-    def _legacy(self) -> list[Path]:
-        return sorted(self.folder.glob("spool-*.jsonl"))
+    def _replay_order(self) -> list[Path]:
+        return sorted(self.folder.glob("spool-*.jsonl")) + self.files()
 
     def append(self, items: Sequence[LoggedRequest | list[Feedback]]) -> None:
         if not items:
@@ -142,54 +145,50 @@ class Spool:
 
     def replay(self, write: Writer, chunk: int) -> None:
         """Write every spooled item through ``write``, oldest first; raises if the store fails."""
-        for path in self._legacy():
-            items = _read_legacy(path)
-            for start in range(0, len(items), chunk):
-                part = items[start : start + chunk]
-                events = [i for i in part if isinstance(i, InferenceEvent)]
-                write([], [i for i in part if isinstance(i, Feedback)], events)
-            path.unlink()
-            self.events = max(0, self.events - len(items))
-        for path in self.files():
+        for path in self._replay_order():
             if path == self._current:
                 self._current = None  # start a new file for anything appended from now on
-            items = self._read(path)
+            items = _read(path)
             for start in range(0, len(items), chunk):
                 part = items[start : start + chunk]
                 write(
                     [i for i in part if isinstance(i, LoggedRequest)],
-                    [f for i in part if not isinstance(i, LoggedRequest) for f in i],
+                    [f for i in part if isinstance(i, list) for f in i],
+                    [i for i in part if isinstance(i, InferenceEvent)],
                 )
             path.unlink()
             self.events = max(0, self.events - _events(items))
 
-    @staticmethod
-    def _read(path: Path) -> list[LoggedRequest | list[Feedback]]:
-        items: list[LoggedRequest | list[Feedback]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for line in io.BytesIO(path.read_bytes()):  # lines end at b"\n" only, and keep it
-                try:
-                    items.append(decode(line))
-                except MalformedEvent:
-                    log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
-        return items
+
+# What a spool file holds: requests and labels; single events in a file of the first layout.
+SpoolItem = LoggedRequest | InferenceEvent | list[Feedback]
 
 
-def _read_legacy(path: Path) -> list[InferenceEvent | Feedback]:
-    items: list[InferenceEvent | Feedback] = []
-    for line in path.read_bytes().splitlines():
-        try:
-            item = orjson.loads(line)
-            items.append(
-                InferenceEvent.from_dict(item["e"]) if "e" in item else Feedback.from_dict(item["f"])
-            )
-        except (orjson.JSONDecodeError, MalformedEvent, KeyError, TypeError):
-            log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
+def _read(path: Path) -> list[SpoolItem]:
+    items: list[SpoolItem] = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in io.BytesIO(path.read_bytes()):  # lines end at b"\n" only, and keep it
+            try:
+                items.append(_decode_legacy(line) if path.suffix == ".jsonl" else decode(line))
+            except MalformedEvent:
+                log.error("spool %s: skipping an unreadable line (a write cut short by a crash?)", path)
     return items
 
 
-def _events(items: Sequence[LoggedRequest | list[Feedback]]) -> int:
-    return sum(item.rows if isinstance(item, LoggedRequest) else len(item) for item in items)
+def _decode_legacy(line: bytes) -> InferenceEvent | list[Feedback]:
+    try:
+        item = orjson.loads(line)
+        return InferenceEvent.from_dict(item["e"]) if "e" in item else [Feedback.from_dict(item["f"])]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MalformedEvent(f"unreadable spool line: {exc!r}") from exc
+
+
+def _events(items: Sequence[SpoolItem]) -> int:
+    """How many events: a request's rows, one per single event, one per label."""
+    return sum(
+        item.rows if isinstance(item, LoggedRequest) else 1 if isinstance(item, InferenceEvent) else len(item)
+        for item in items
+    )
 
 
 class LogWriter:

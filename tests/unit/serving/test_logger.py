@@ -126,7 +126,7 @@ def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
     with spool.files()[0].open("ab") as handle:
         handle.write(encode(record(2))[:-20])  # the crash
     replayed = []
-    spool.replay(lambda requests, feedback: replayed.extend(requests), chunk=100)
+    spool.replay(lambda requests, feedback, events: replayed.extend(requests), chunk=100)
     assert [e.event_id for r in replayed for e in r.events()] == ["000001-0", "000001-1"]
     assert not spool.files()
 
