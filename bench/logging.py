@@ -31,7 +31,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from monitoring.events import InferenceEvent, InferenceRequest, LoggedRequest
+import orjson
+
+from monitoring.events import InferenceEvent, LoggedRequest, answered_payload
 from monitoring.logstore import get_log_store
 
 BATCH = 500
@@ -61,19 +63,25 @@ def events(count: int, offset: int = 0) -> list[InferenceEvent]:
 
 
 def requests(count: int, offset: int = 0) -> list[LoggedRequest]:
-    """The same rows as ``events``, one request each, encoded as the model server encodes them."""
+    """The same rows as ``events``, one request each, encoded as the model server encodes them
+    (the V1 body as the client sent it, and the outputs)."""
     return [
-        InferenceRequest(
+        LoggedRequest(
             e.event_id[:-2],
             e.ts_ms,
             e.model,
             e.version,
             e.role,
             e.request_id,
-            e.latency_ms,
-            {name: [value] for name, value in e.inputs.items()},
-            {name: [value] for name, value in e.outputs.items()},
-        ).logged()  # fmt: skip
+            1,
+            answered_payload(
+                e.latency_ms,
+                "v1",
+                orjson.dumps({"instances": [e.inputs]}),
+                None,
+                {name: [value] for name, value in e.outputs.items()},
+            ),
+        )  # fmt: skip
         for e in events(count, offset)
     ]
 

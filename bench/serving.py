@@ -170,25 +170,48 @@ def measure(
 ) -> list[Measure]:  # fmt: skip
     """wrk against one server: a warm-up, then each concurrency (with the server's CPU per request)."""
     wrk(target, body, 16, 2, work, load)  # warm-up
-    measures = []
-    for concurrency in CONCURRENCY:
-        before = cpu_seconds(pid) if pid else (0.0, 0.0)
-        result = wrk(target, body, concurrency, duration_s, work, load)
-        after = cpu_seconds(pid) if pid else (0.0, 0.0)
-        answered = max(1, result["requests"])
-        m = Measure(
-            model=model, server=server, concurrency=concurrency,
-            rps=result["requests"] / result["seconds"], p50_ms=result["p50_us"] / 1000,
-            p99_ms=result["p99_us"] / 1000, errors=result["errors"],
-            cpu_us=1e6 * (after[0] - before[0]) / answered, cpu_us_children=1e6 * (after[1] - before[1]) / answered,
-        )  # fmt: skip
-        measures.append(m)
-        progress(
-            f"{model:5} {server:10} c={concurrency:<3} {m.rps:9,.0f} req/s  p50 {m.p50_ms:7.3f} ms"
-            f"  p99 {m.p99_ms:7.2f} ms  errors {m.errors}  cpu/request {m.cpu_us:.0f} us"
-            f" (+{m.cpu_us_children:.0f} us children)"
-        )
-    return measures
+    return [
+        cell(model, server, target, body, concurrency, duration_s, work, load, progress, pid)
+        for concurrency in CONCURRENCY
+    ]
+
+
+def cell(
+    model: str, server: str, target: str, body: str, concurrency: int, duration_s: int, work: Path,
+    load: Load, progress, pid: int | None = None,
+) -> Measure:  # fmt: skip
+    """One wrk run at one concurrency; then, for our server, the wait until its log writer has
+    caught up (its CPU stops moving), so that work left over never lands in the next cell."""
+    before = cpu_seconds(pid) if pid else (0.0, 0.0)
+    result = wrk(target, body, concurrency, duration_s, work, load)
+    if pid:
+        settle(pid)
+    after = cpu_seconds(pid) if pid else (0.0, 0.0)
+    answered = max(1, result["requests"])
+    m = Measure(
+        model=model, server=server, concurrency=concurrency,
+        rps=result["requests"] / result["seconds"], p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000, errors=result["errors"],
+        cpu_us=1e6 * (after[0] - before[0]) / answered, cpu_us_children=1e6 * (after[1] - before[1]) / answered,
+    )  # fmt: skip
+    progress(
+        f"{model:5} {server:10} c={concurrency:<3} {m.rps:9,.0f} req/s  p50 {m.p50_ms:7.3f} ms"
+        f"  p99 {m.p99_ms:7.2f} ms  errors {m.errors}  cpu/request {m.cpu_us:.0f} us"
+        f" (+{m.cpu_us_children:.0f} us children)"
+    )
+    return m
+
+
+def settle(pid: int, timeout_s: float = 20.0) -> None:
+    """Wait until the children of ``pid`` (the log writer) have used no CPU for 0.3 s."""
+    deadline = time.monotonic() + timeout_s
+    last = cpu_seconds(pid)[1]
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = cpu_seconds(pid)[1]
+        if now - last < 0.003:
+            return
+        last = now
 
 
 def ours_env(work: Path, name: str, port: int, logging_on: bool) -> dict[str, str]:
@@ -275,17 +298,40 @@ def bench_model(
         servers[server] = ([python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env)
 
     measures = []
-    # Rounds take turns (ours, ours-nolog, ours, ...), so a slow spell of the machine hits both.
-    for server, (argv, url, ready, server_env) in [s for _ in range(rounds) for s in servers.items()]:
-        if server not in servers_wanted:
-            continue
-        with process(load.server(argv), url + ready, work / f"{name}-{server}.log", server_env) as proc:
+    wanted = [server for server in servers if server in servers_wanted]
+    with contextlib.ExitStack() as running:
+        # Every server up at once (an idle one costs nothing), then one cell at a time, taking
+        # turns: ours c=1, ours-nolog c=1, ..., so a slow spell of the machine hits both sides.
+        pids, targets = {}, {}
+        for server in wanted:
+            argv, url, ready, server_env = servers[server]
+            log = work / f"{name}-{server}.log"
+            pids[server] = running.enter_context(process(load.server(argv), url + ready, log, server_env)).pid
             if server.startswith("ours"):
                 deploy(url, stable, canary)
-            target = f"{url}/v1/models/bench:predict"
-            check = httpx.post(target, content=body, headers={"content-type": "application/json"}, timeout=30)
+            targets[server] = f"{url}/v1/models/bench:predict"
+            check = httpx.post(
+                targets[server], content=body, headers={"content-type": "application/json"}, timeout=30
+            )
             check.raise_for_status()
-            measures += measure(name, server, target, body, duration_s, work, load, progress, proc.pid)
+            wrk(targets[server], body, 16, 2, work, load)  # warm-up
+        for _ in range(rounds):
+            for concurrency in CONCURRENCY:
+                for server in wanted:
+                    measures.append(
+                        cell(
+                            name,
+                            server,
+                            targets[server],
+                            body,
+                            concurrency,
+                            duration_s,
+                            work,
+                            load,
+                            progress,
+                            pids[server],
+                        )  # fmt: skip
+                    )
     return measures, {"raw_onnx_rps": raw_rps, "raw_onnx_ms": raw_ms}
 
 

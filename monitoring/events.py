@@ -1,15 +1,18 @@
 """The inference event: one record per predicted row, the input of monitoring and retraining.
 
 Defined once, here, with a schema version. Serving logs whole requests (``InferenceRequest``:
-columns of rows, encoded once on the request path as a ``LoggedRequest``) and ground-truth labels
-that arrive later (``Feedback``, keyed by request id and row); the log stores keep both and give
-back one ``InferenceEvent`` per row: monitoring and retraining read those by model and time window.
+columns of rows, encoded once on the request path as a ``LoggedRequest``; an answered request's
+inputs are the request body as the client sent it, see ``answered_payload``) and ground-truth
+labels that arrive later (``Feedback``, keyed by request id and row); the log stores keep both and
+give back one ``InferenceEvent`` per row: monitoring and retraining read those by model and time
+window.
 A request's rows are the events ``<event_id>-<row>``, whether a store expands the request when it
 is written (the search stores: one document per row) or when it is read (the embedded store).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,6 +175,8 @@ class InferenceRequest:
             version = int(data.get("schema_version", 0))
             if version != SCHEMA_VERSION:
                 raise MalformedEvent(f"schema_version {version} is not {SCHEMA_VERSION}")
+            if "request" in data:  # an answered request logged as its body (answered_payload)
+                data["inputs"] = request_columns(data["request"], data["protocol"], data["row_input"])
             request = cls(
                 event_id=str(logged.event_id),
                 ts_ms=int(logged.ts_ms),
@@ -193,9 +198,60 @@ class InferenceRequest:
                     raise MalformedEvent(f"columns are not all {logged.rows} rows long")
         except MalformedEvent:
             raise
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"not an inference request: {exc!r}") from exc
         return request
+
+
+def answered_payload(
+    latency_ms: float, protocol: str, body: bytes, row_input: str | None, outputs: Mapping[str, Any]
+) -> bytes:
+    """The payload of an answered request whose inputs are the request body as the client sent it.
+
+    What the model server logs on its request path: it hands over the body it has read (V1 or V2
+    JSON, which it parsed and validated) with the outputs, instead of encoding the inputs it
+    decoded a second time; a reader takes the columns out of the body (``request_columns``).
+    ``row_input`` names the input that V1 rows of plain values belong to (None if there is none).
+    """
+    if b"\n" in body:  # JSON whitespace (a newline inside a string is escaped): a line per request
+        body = body.replace(b"\n", b" ")
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "latency_ms": latency_ms,
+            "protocol": protocol,
+            "row_input": row_input,
+            "request": orjson.Fragment(body),
+            "outputs": outputs,
+            "status": "ok",
+            "error": None,
+        },
+        default=_plain,
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+
+
+def request_columns(body: Mapping[str, Any], protocol: str, row_input: str | None) -> dict[str, list[Any]]:
+    """The named input columns of a V1 or V2 request body that a model server accepted: one entry
+    per row, values as the client sent them. Raises KeyError, IndexError or TypeError on any other."""
+    if protocol == "v2":
+        return {tensor["name"]: _rows(tensor["data"], tensor["shape"]) for tensor in body["inputs"]}
+    if protocol != "v1":
+        raise KeyError(f"protocol {protocol!r}")
+    rows = body["instances"]
+    if isinstance(rows[0], list):
+        if not isinstance(row_input, str):
+            raise TypeError("rows of plain values, and no input named for them")
+        return {row_input: rows}
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def _rows(data: list[Any], shape: list[int]) -> list[Any]:
+    """V2 tensor data, flat or nested as its shape, as a list of rows."""
+    if len(shape) <= 1 or (data and isinstance(data[0], list)):
+        return data
+    size = math.prod(shape[1:])
+    return [_rows(data[start : start + size], shape[1:]) for start in range(0, len(data), size)]
 
 
 class LoggedRequest(NamedTuple):

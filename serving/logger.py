@@ -3,10 +3,12 @@
 Two halves, in two processes, so that writing the log never takes the model server's CPU (its
 GIL) from answering requests:
 
-- ``InferenceLogger``, in the model server: the request path encodes each request once (orjson,
-  columns as they are, no I/O, no lock) and appends the line to a bounded in-memory queue; a thread hands the queue over to the
-  writer process through a pipe every ``flush_ms``, and reads back the writer's counters for
-  ``/metrics``. If the queue is full, records are dropped and counted
+- ``InferenceLogger``, in the model server: the request path encodes each request once and
+  appends the line to a bounded in-memory queue (no I/O, no lock). An answered request's inputs
+  are the body the server read, passed on as it came (``answered_payload``): no second encoding of
+  the decoded inputs; a reader takes the columns out of the body. A thread hands the queue over
+  to the writer process through a pipe every ``flush_ms``, and reads back the writer's counters
+  for ``/metrics``. If the queue is full, records are dropped and counted
   (``mlops_log_events_dropped_total``): the request path never waits.
 - ``LogWriter``, in its own process (``python -m serving.logger``, started and restarted by the
   logger): reads each line's header, leaves the body encoded, and writes the requests in batches
@@ -37,14 +39,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from prometheus_client import Counter, Gauge
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceEvent, InferenceRequest, LoggedRequest, MalformedEvent
+from monitoring.events import (
+    Feedback,
+    InferenceEvent,
+    InferenceRequest,
+    LoggedRequest,
+    MalformedEvent,
+    answered_payload,
+)
 from monitoring.logstore import LogStore
 
 log = logging.getLogger(__name__)
@@ -68,11 +78,12 @@ WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writ
 
 
 # The pipe between the model server and its writer carries one line per item:
-#   b"r" + JSON [event_id, ts_ms, model, version, role, request_id, rows] + b"\t" + request body
+#   b"r" + JSON [event_id, ts_ms, model, version, role, request_id, rows] + b"\t" + payload
 #   b"f" + JSON [feedback, ...]
-# orjson escapes tabs and newlines inside strings, so the first tab splits a request line and a
-# newline ends every line. The writer reads the header and passes the body on unread: the
-# embedded store keeps it as it is. The spool holds the same lines.
+# orjson escapes tabs and newlines inside strings, so the first tab splits a request line, and a
+# newline ends every line (an answered request's body has none left: see answered_payload). The
+# writer reads the header and passes the payload on unread: the embedded store keeps it as it
+# is. The spool holds the same lines.
 
 
 def encode(item: LoggedRequest | Sequence[Feedback]) -> bytes:
@@ -339,7 +350,26 @@ class InferenceLogger:
 
     # --- the request path: one encode, one append -----------------------------------------
 
+    def answered(
+        self,
+        header: tuple[str, int, str, str, str, str, int],
+        latency_ms: float,
+        protocol: str,
+        body: bytes,
+        row_input: str | None,
+        outputs: Mapping[str, Any],
+    ) -> None:
+        """An answered request: its header (``LoggedRequest``'s first seven fields), the request
+        body as it came (``protocol`` v1 or v2; see ``answered_payload``) and its outputs."""
+        if len(self._pending) >= self._capacity:
+            DROPPED.inc(header[6])
+            return
+        self._pending.append(
+            _request_line(header, answered_payload(latency_ms, protocol, body, row_input, outputs))
+        )
+
     def log(self, request: InferenceRequest) -> None:
+        """A request whose inputs were decoded here (a failed request, a shadow's answer)."""
         if len(self._pending) >= self._capacity:
             DROPPED.inc(request.rows)
             return

@@ -143,6 +143,8 @@ class RequestDecoder:
         self.version = version
         self.signature = signature
         self.max_batch_rows = max_batch_rows
+        # The input that V1 rows of plain values belong to (None: rows must be objects).
+        self.row_input = signature.inputs[0].name if signature.row_features is not None else None
         self._where = f"model '{model}' version {version}"
 
     def v2(self, body: Any) -> dict[str, np.ndarray]:

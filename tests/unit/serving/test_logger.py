@@ -6,12 +6,14 @@ import threading
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceRequest, MalformedEvent
+from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent, answered_payload
 from monitoring.logstore import WriteResult
 from serving.logger import InferenceLogger, LogWriter, Spool, decode, encode, encode_request
+from serving.signature import RequestDecoder, Signature, TensorSpec
 
 
 class FlakyStore:
@@ -168,15 +170,20 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
     logger = InferenceLogger([sys.executable, "-m", "serving.logger"], flush_ms=20)
     for i in range(40):
         logger.log(request(i))
+    body = b'{"instances": [{"amount": 3, "country": "FR"}]}'
+    outputs = {"label": np.asarray(["legit"], dtype=object), "probabilities": np.full((1, 2), 0.5)}
+    logger.answered(("answered", 9_000, "fraud", "1", "stable", "req-a", 1), 0.2, "v1", body, None, outputs)
     logger.feedback([Feedback("req-1", 0, "fraud")])
     logger.close()
     store = get_log_store(url)
-    assert store.count("fraud", 0, 2**62) == 80
+    assert store.count("fraud", 0, 2**62) == 81
+    [answered] = [e for e in store.query("fraud", 0, 2**62) if e.request_id == "req-a"]
+    assert (answered.event_id, answered.inputs) == ("answered-0", {"amount": 3, "country": "FR"})
     assert [x.label for x in store.labelled("fraud", 0, 2**62) if x.event.request_id == "req-1"] == [
         "fraud",
         None,
     ]
-    wait_until(lambda: WRITTEN._value.get() - before == 80)  # the writer's counts reach /metrics
+    wait_until(lambda: WRITTEN._value.get() - before == 81)  # the writer's counts reach /metrics
 
 
 def test_a_request_of_many_rows_lists_its_events_in_event_id_order():
@@ -250,3 +257,86 @@ def test_a_spool_of_the_first_layout_is_replayed_too(tmp_path):
     writer.close()
     assert store.order[:3] == [e.event_id for e in old_events]  # the old spool first, in order
     assert store.labels == {"req-1:2": "fraud"} and not list(folder.iterdir())
+
+
+# --- answered requests: the body as it came, its columns taken out when read -------------------
+
+FRAUD = Signature(
+    inputs=(TensorSpec("amount", "FP64", (-1,)), TensorSpec("country", "BYTES", (-1,))),
+    outputs=(TensorSpec("label", "BYTES", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2))),
+    source="mlflow",
+)
+WIDE = Signature((TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "INT64", (-1,)),), "onnx")
+
+
+def answered_line(signature: Signature, protocol: str, body: bytes) -> bytes:
+    """What the model server's request path hands over for a body its decoder accepted."""
+    decoder = RequestDecoder("fraud", "4", signature, max_batch_rows=100)
+    inputs = decoder.v2(orjson.loads(body)) if protocol == "v2" else decoder.v1(orjson.loads(body))
+    rows = len(next(iter(inputs.values())))
+    outputs = {"label": np.asarray(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5)}
+    header = ("000003", 1_003, "fraud", "4", "stable", "req-3", rows)
+    # The line InferenceLogger.answered queues: the header, and the body as it came.
+    return encode(LoggedRequest(*header, answered_payload(0.4, protocol, body, decoder.row_input, outputs)))
+
+
+@pytest.mark.parametrize(
+    ("signature", "protocol", "body", "inputs"),
+    [
+        (
+            FRAUD,
+            "v1",
+            b'{"instances": [\n\t{"amount": 1.5, "country": "DE"},\n\t{"amount": 2, "country": "a\\tb\\nc"}\n]}',
+            [{"amount": 1.5, "country": "DE"}, {"amount": 2, "country": "a\tb\nc"}],
+        ),
+        (WIDE, "v1", b'{"instances": [[1, 2, 3], [4, 5, 6.5]]}', [{"x": [1, 2, 3]}, {"x": [4, 5, 6.5]}]),
+        (
+            WIDE,
+            "v2",
+            b'{"id": "7", "inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1,2,3,4,5,6]}]}',
+            [{"x": [1, 2, 3]}, {"x": [4, 5, 6]}],
+        ),
+        (
+            WIDE,
+            "v2",
+            b'{"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1,2,3],[4,5,6]]}]}',
+            [{"x": [1, 2, 3]}, {"x": [4, 5, 6]}],
+        ),
+        (
+            Signature((TensorSpec("img", "UINT8", (-1, 2, 2)),), (), "onnx"),
+            "v2",
+            b'{"inputs": [{"name": "img", "shape": [2, 2, 2], "datatype": "UINT8", "data": [1,2,3,4,5,6,7,8]}]}',
+            [{"img": [[1, 2], [3, 4]]}, {"img": [[5, 6], [7, 8]]}],
+        ),
+    ],
+)
+def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(signature, protocol, body, inputs):
+    line = answered_line(signature, protocol, body)
+    assert line.count(b"\n") == 1  # a newline in the body is JSON whitespace: one line per request
+    logged = decode(line)
+    assert (logged.event_id, logged.model, logged.version, logged.request_id, logged.rows) == (
+        "000003", "fraud", "4", "req-3", 2,
+    )  # fmt: skip
+    events = logged.events()
+    assert [e.event_id for e in events] == ["000003-0", "000003-1"]
+    assert [e.inputs for e in events] == inputs  # values as the client sent them
+    assert [e.outputs for e in events] == [{"label": "legit", "probabilities": [0.5, 0.5]}] * 2
+    assert decode(encode(logged)) == logged  # the spool keeps the same line
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"[[1, 2, 3]]", b"[]"),  # no rows
+        (b"[[1, 2, 3]]", b"[[1, 2, 3], [4, 5, 6]]"),  # rows that disagree with the header
+        (b'"row_input":"x"', b'"row_input":null'),  # plain rows and no input named for them
+        (b'"protocol":"v1"', b'"protocol":"v7"'),
+        (b'"instances"', b'"rows"'),
+    ],
+)
+def test_an_answered_request_that_does_not_fit_is_malformed(old, new):
+    line = answered_line(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
+    assert decode(line).rows == 1 and decode(line).events()[0].inputs == {"x": [1, 2, 3]}
+    assert old in line
+    with pytest.raises(MalformedEvent):
+        decode(line.replace(old, new)).events()
