@@ -301,7 +301,8 @@ def bench_model(
     wanted = [server for server in servers if server in servers_wanted]
     with contextlib.ExitStack() as running:
         # Every server up at once (an idle one costs nothing), then one cell at a time, taking
-        # turns: ours c=1, ours-nolog c=1, ..., so a slow spell of the machine hits both sides.
+        # turns: ours c=1, ours-nolog c=1, ..., so a slow spell of the machine hits both sides;
+        # each round starts with the next server, so none is always measured after another.
         pids, targets = {}, {}
         for server in wanted:
             argv, url, ready, server_env = servers[server]
@@ -315,9 +316,10 @@ def bench_model(
             )
             check.raise_for_status()
             wrk(targets[server], body, 16, 2, work, load)  # warm-up
-        for _ in range(rounds):
+        for turn in range(rounds):
+            order = wanted[turn % len(wanted) :] + wanted[: turn % len(wanted)]  # each goes first in turn
             for concurrency in CONCURRENCY:
-                for server in wanted:
+                for server in order:
                     measures.append(
                         cell(
                             name,
