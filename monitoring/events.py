@@ -246,12 +246,25 @@ def request_columns(body: Mapping[str, Any], protocol: str, row_input: str | Non
     return {name: [row[name] for row in rows] for name in rows[0]}
 
 
-def _rows(data: list[Any], shape: list[int]) -> list[Any]:
-    """V2 tensor data, flat or nested as its shape, as a list of rows."""
-    if len(shape) <= 1 or (data and isinstance(data[0], list)):
+def _rows(data: Any, shape: list[int]) -> list[Any]:
+    """V2 tensor data as its ``shape[0]`` rows: as sent when it is nested by rows already, else
+    flattened and cut to the shape (a server accepts any nesting with the right number of values)."""
+    if not shape:  # a scalar tensor: one row
+        return [data]
+    if len(data) == shape[0] and (len(shape) == 1 or all(isinstance(row, list) for row in data)):
         return data
+    return _cut(_flat(data), shape)
+
+
+def _flat(data: list[Any]) -> list[Any]:
+    return [value for item in data for value in (_flat(item) if isinstance(item, list) else (item,))]
+
+
+def _cut(flat: list[Any], shape: list[int]) -> list[Any]:
+    if len(shape) == 1:
+        return flat
     size = math.prod(shape[1:])
-    return [_rows(data[start : start + size], shape[1:]) for start in range(0, len(data), size)]
+    return [_cut(flat[start : start + size], shape[1:]) for start in range(0, len(flat), size)]
 
 
 class LoggedRequest(NamedTuple):

@@ -302,6 +302,18 @@ def answered_line(signature: Signature, protocol: str, body: bytes) -> bytes:
             b'{"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1,2,3],[4,5,6]]}]}',
             [{"x": [1, 2, 3]}, {"x": [4, 5, 6]}],
         ),
+        (  # nested otherwise than the shape: the server reshapes it, and so does the reader
+            WIDE,
+            "v2",
+            b'{"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [[1,2],[3,4],[5,6]]}]}',
+            [{"x": [1, 2, 3]}, {"x": [4, 5, 6]}],
+        ),
+        (
+            Signature((TensorSpec("amount", "FP64", (-1,)),), (), "onnx"),
+            "v2",
+            b'{"inputs": [{"name": "amount", "shape": [2], "datatype": "FP64", "data": [[1.5, 2]]}]}',
+            [{"amount": 1.5}, {"amount": 2}],
+        ),
         (
             Signature((TensorSpec("img", "UINT8", (-1, 2, 2)),), (), "onnx"),
             "v2",
