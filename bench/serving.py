@@ -353,6 +353,14 @@ def compare(
     return [line(c, a, b) for c, a, b in pairs if a is not None and b is not None]
 
 
+def spread(on: list[float], off: list[float]) -> str:
+    """The cost of logging round by round (the two cells of a round were measured back to back)."""
+    if len(on) < 2:
+        return ""
+    costs = [100 * (1 - a / b) for a, b in zip(on, off, strict=False)]
+    return f" (rounds {min(costs):.1f} to {max(costs):.1f} %)"
+
+
 def medians(measures: list[Measure]) -> list[Measure]:
     """One measure per (model, server, concurrency): the median of its rounds, field by field."""
     groups: dict[tuple[str, str, int], list[Measure]] = {}
@@ -372,6 +380,9 @@ def medians(measures: list[Measure]) -> list[Measure]:
 
 
 def report(measures: list[Measure], raw: dict[str, dict]) -> str:
+    rounds: dict[tuple[str, str, int], list[float]] = {}  # each round's req/s, in round order
+    for m in measures:
+        rounds.setdefault((m.model, m.server, m.concurrency), []).append(m.rps)
     measures = medians(measures)
     lines = []
     for model in dict.fromkeys(m.model for m in measures):
@@ -395,7 +406,8 @@ def report(measures: list[Measure], raw: dict[str, dict]) -> str:
             lines.append("| " + " | ".join(cells + ratios(m, by, baselines, baselines[:1])) + " |")
         lines += compare(
             by, "ours", "ours-nolog",
-            lambda c, on, off: f"\nlogging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={c}"
+            lambda c, on, off, model=model: f"\nlogging costs {100 * (1 - on.rps / off.rps):.1f} % of throughput at c={c}"
+            f"{spread(rounds[(model, 'ours', c)], rounds[(model, 'ours-nolog', c)])}"
             f" (p50 {on.p50_ms / off.p50_ms:.2f}x, p99 {on.p99_ms / off.p99_ms:.2f}x of ours-nolog)",
         )  # fmt: skip
     return "\n".join(lines)
