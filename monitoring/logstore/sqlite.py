@@ -198,10 +198,7 @@ class SqliteLogStore:
         sql = (
             "SELECT request_id, row, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))"
         )
-        try:
-            rows = self._connect().execute(sql, [orjson.dumps(request_ids).decode()]).fetchall()
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+        rows = self._read(sql, [orjson.dumps(request_ids).decode()])
         return {(request_id, row): label for request_id, row, label in rows}
 
     def _pages(
@@ -215,10 +212,7 @@ class SqliteLogStore:
         )
         after_ts, after_key = -1, ""
         while True:
-            try:
-                page = self._connect().execute(sql, [*params, after_ts, after_ts, after_key, PAGE]).fetchall()
-            except sqlite3.Error as exc:
-                raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+            page = self._read(sql, [*params, after_ts, after_ts, after_key, PAGE])
             yield page
             if len(page) < PAGE:
                 return
@@ -231,21 +225,13 @@ class SqliteLogStore:
         return self._scalar(f"SELECT COALESCE(SUM(rows), 0) FROM records WHERE {where}", params)
 
     def models(self) -> list[str]:
-        try:
-            return [
-                r[0] for r in self._connect().execute("SELECT DISTINCT model FROM records ORDER BY model")
-            ]
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+        return [r[0] for r in self._read("SELECT DISTINCT model FROM records ORDER BY model", [])]
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
         where, params = ("WHERE model = ?", [model]) if model is not None else ("", [])
         sql = f"SELECT {_RECORD} FROM records {where} ORDER BY ts_ms DESC, key DESC LIMIT ?"
-        try:
-            # A record holds at least one event: `limit` records are enough, and fewer usually are.
-            records = self._connect().execute(sql, [*params, limit]).fetchall()
-        except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+        # A record holds at least one event: `limit` records are enough, and fewer usually are.
+        records = self._read(sql, [*params, limit])
         newest: list[list[InferenceEvent]] = []
         found = 0
         for record in records:
@@ -278,11 +264,15 @@ class SqliteLogStore:
             db.close()
             self._local.db = None
 
-    def _scalar(self, sql: str, params: list[object]) -> int:
+    def _read(self, sql: str, params: list[object]) -> list[tuple[Any, ...]]:
+        """The rows a read returns; a SQLite error is the store away."""
         try:
-            return int(self._connect().execute(sql, params).fetchone()[0])
+            return self._connect().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+
+    def _scalar(self, sql: str, params: list[object]) -> int:
+        return int(self._read(sql, params)[0][0])
 
 
 def _window(
