@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from monitoring.events import InferenceEvent, LoggedRequest, answered_payload
+from monitoring.events import InferenceEvent, LoggedRequest, answered_payload, logged_answer
 from monitoring.logstore import get_log_store
 
 BATCH = 500
@@ -63,19 +63,19 @@ def events(count: int, offset: int = 0) -> list[InferenceEvent]:
 
 
 def requests(count: int, offset: int = 0) -> list[LoggedRequest]:
-    """The same rows as ``events``, one request each, encoded as the model server encodes them
-    (the V1 body as the client sent it, and the outputs)."""
+    """The same rows as ``events``, one request each, as the model server's log writer hands them
+    to a store (the payload of an answered request: the V1 body as the client sent it, and the
+    outputs)."""
     return [
-        LoggedRequest(
+        logged_answer(
             e.event_id[:-2],
-            e.ts_ms,
-            e.model,
-            e.version,
-            e.role,
-            e.request_id,
-            1,
             answered_payload(
-                e.latency_ms,
+                e.ts_ms / 1000,
+                e.latency_ms / 1000,
+                e.model,
+                e.version,
+                e.role,
+                e.request_id,
                 "v1",
                 orjson.dumps({"instances": [e.inputs]}),
                 None,

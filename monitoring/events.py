@@ -160,7 +160,7 @@ class InferenceRequest:
                 "status": self.status,
                 "error": self.error,
             },
-            default=_plain,
+            default=plain,
             option=orjson.OPT_SERIALIZE_NUMPY,
         )
 
@@ -171,11 +171,14 @@ class InferenceRequest:
     def from_logged(cls, logged: LoggedRequest) -> InferenceRequest:
         """Header and payload back together; anything that does not fit raises MalformedEvent."""
         try:
-            data = orjson.loads(logged.body)
+            if logged.body.startswith(b"["):  # an answered request, as the model server logs it
+                data = _answered_fields(logged.body)
+            else:
+                data = orjson.loads(logged.body)
             version = int(data.get("schema_version", 0))
             if version != SCHEMA_VERSION:
                 raise MalformedEvent(f"schema_version {version} is not {SCHEMA_VERSION}")
-            if "request" in data:  # an answered request logged as its body (answered_payload)
+            if "request" in data:  # an answered request logged as its body
                 data["inputs"] = request_columns(data["request"], data["protocol"], data["row_input"])
             request = cls(
                 event_id=str(logged.event_id),
@@ -203,32 +206,57 @@ class InferenceRequest:
         return request
 
 
-def answered_payload(
-    latency_ms: float, protocol: str, body: bytes, row_input: str | None, outputs: Mapping[str, Any]
-) -> bytes:
-    """The payload of an answered request whose inputs are the request body as the client sent it.
+# An answered request, as the model server logs it and the embedded store keeps it (a payload):
+#   JSON [schema_version, ts_s, latency_s, model, version, role, request_id, protocol, row_input,
+#         outputs] + b"\t" + the request body as the client sent it (V1 or V2 JSON)
+# The model server makes it with one orjson call on its request path (serving.logger; the same
+# as answered_payload) and never encodes the inputs it decoded: a reader takes the columns out of
+# the body (request_columns). ``row_input`` names the input V1 rows of plain values belong to
+# (None if there is none); ts_s is epoch seconds, latency_s seconds. orjson escapes tabs, so the
+# first tab ends the head. (The previous layout, a JSON object with the body under "request", is
+# still read.)
 
-    What the model server logs on its request path: it hands over the body it has read (V1 or V2
-    JSON, which it parsed and validated) with the outputs, instead of encoding the inputs it
-    decoded a second time; a reader takes the columns out of the body (``request_columns``).
-    ``row_input`` names the input that V1 rows of plain values belong to (None if there is none).
-    """
-    if b"\n" in body:  # JSON whitespace (a newline inside a string is escaped): a line per request
-        body = body.replace(b"\n", b" ")
-    return orjson.dumps(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "latency_ms": latency_ms,
-            "protocol": protocol,
-            "row_input": row_input,
-            "request": orjson.Fragment(body),
-            "outputs": outputs,
-            "status": "ok",
-            "error": None,
-        },
-        default=_plain,
-        option=orjson.OPT_SERIALIZE_NUMPY,
-    )
+
+def answered_payload(
+    ts_s: float,
+    latency_s: float,
+    model: str,
+    version: str,
+    role: str,
+    request_id: str,
+    protocol: str,
+    body: bytes,
+    row_input: str | None,
+    outputs: Mapping[str, Any],
+) -> bytes:
+    """The payload of an answered request (the layout above)."""
+    head = (SCHEMA_VERSION, ts_s, latency_s, model, version, role, request_id, protocol, row_input, outputs)
+    return b"%b\t%b" % (orjson.dumps(head, default=plain, option=orjson.OPT_SERIALIZE_NUMPY), body)
+
+
+def logged_answer(event_id: str, payload: bytes) -> LoggedRequest:
+    """The request a store keeps for an answered request's payload; MalformedEvent if it is none."""
+    try:
+        head = orjson.loads(payload[: payload.index(b"\t")])
+        _, ts_s, _, model, version, role, request_id, _, _, outputs = head
+        first = next(iter(outputs.values()))
+        rows = len(first) if isinstance(first, list) else 1
+        return LoggedRequest(event_id, int(ts_s * 1000), model, version, role, request_id, rows, payload)
+    except (orjson.JSONDecodeError, AttributeError, StopIteration, TypeError, ValueError) as exc:
+        raise MalformedEvent(f"not an answered request: {exc!r}") from exc
+
+
+def _answered_fields(payload: bytes) -> dict[str, Any]:
+    head, body = payload.split(b"\t", 1)
+    version, _, latency_s, _, _, _, _, protocol, row_input, outputs = orjson.loads(head)
+    return {
+        "schema_version": version,
+        "latency_ms": round(latency_s * 1000, 3),
+        "protocol": protocol,
+        "row_input": row_input,
+        "request": orjson.loads(body),
+        "outputs": outputs,
+    }
 
 
 def request_columns(body: Mapping[str, Any], protocol: str, row_input: str | None) -> dict[str, list[Any]]:
@@ -294,8 +322,9 @@ def _column(values: Any) -> list[Any]:
     return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
-def _plain(value: Any) -> Any:
-    # What orjson does not serialize itself: arrays of strings (object dtype), and bytes.
+def plain(value: Any) -> Any:
+    """orjson's ``default`` for what it does not serialize itself: arrays of strings (object
+    dtype), and bytes."""
     if isinstance(value, np.ndarray):
         return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
     if isinstance(value, bytes):

@@ -170,14 +170,11 @@ class Front:
             if shadow is not None:
                 self._mirror(shadow, inputs, request_id)
             if self.logger is not None and protocol != "explain":
-                latency_ms = round((time.perf_counter() - started) * 1000, 3)
-                first = next(iter(inputs.values()))
-                header = (
-                    self._event_id(), time.time_ns() // 1_000_000, model.name, answered.version, role,
-                    request_id, len(first) if first.ndim else 1,
+                # The body as it came (no second encoding of the inputs), the outputs, what answered.
+                self.logger.answered(
+                    started, model.name, answered.version, role, request_id, protocol, raw,
+                    decoder.row_input, outputs,
                 )  # fmt: skip
-                # The body as it came: the inputs are not encoded a second time on the request path.
-                self.logger.answered(header, latency_ms, protocol, raw, decoder.row_input, outputs)
             response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
         except Exception as exc:
             code = status_for(exc)

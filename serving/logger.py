@@ -3,18 +3,25 @@
 Two halves, in two processes, so that writing the log never takes the model server's CPU (its
 GIL) from answering requests:
 
-- ``InferenceLogger``, in the model server: the request path encodes each request once and
-  appends the line to a bounded in-memory queue (no I/O, no lock). An answered request's inputs
-  are the body the server read, passed on as it came (``answered_payload``): no second encoding of
-  the decoded inputs; a reader takes the columns out of the body. A thread hands the queue over
-  to the writer process through a pipe every ``flush_ms``, and reads back the writer's counters
-  for ``/metrics``. If the queue is full, records are dropped and counted
-  (``mlops_log_events_dropped_total``): the request path never waits.
+- ``InferenceLogger``, in the model server: the request path makes the payload of each answered
+  request (``monitoring.events.answered_payload``) with a single orjson call (its times, model,
+  role, request id and outputs), followed by the request body the server read, as it came: no
+  second encoding of the decoded inputs, no event id; and appends the line to a bounded in-memory
+  queue (no I/O, no lock).
+  Every Python step there costs several times what it costs in a loop (the server's code and data
+  are cold by then), so the request path does as few as it can; the rest is the writer's. A thread
+  hands the queue over to the writer process through a pipe every ``flush_ms``, numbering the
+  answered requests of each hand-over (their event ids: the same lines sent again give the same
+  ids), and reads back the writer's counters for ``/metrics``. If the queue is full, records are
+  dropped and counted (``mlops_log_events_dropped_total``): the request path never waits.
 - ``LogWriter``, in its own process (``python -m serving.logger``, started and restarted by the
-  logger): reads each line's header, leaves the body encoded, and writes the requests in batches
-  (``batch_events`` rows) to the store, which keeps them whole (the embedded store: rows are
-  expanded when read) or expands them to one document per row (the search stores). So the
-  writer's CPU per request is a header parse and one insert, whatever the request's size. When the
+  logger): gives each answered request its event id, reads the columns a store indexes from the
+  payload's head and leaves the payload as it came (a reader takes the input columns out of the
+  body), and writes the requests in batches (``batch_events`` rows) to the store, which keeps them
+  whole (the embedded store: rows are expanded when read) or expands them to one document per row
+  (the search stores). So the writer's CPU per request is a parse of the line's head and one
+  insert, whatever the size of the request body. It runs on CPU time nothing else wants while it
+  keeps up, and takes its (niced) share when it falls behind (``CpuPriority``). When the
   store is down or slow, batches go to a durable local spool instead (the same lines, fsynced per
   batch) and are replayed, oldest first, when the store answers again; while the spool
   holds anything, new batches queue behind it, so events reach the store in order. Stores keep the
@@ -24,21 +31,27 @@ What can be lost: on a clean stop (SIGTERM) nothing: the queue goes to the write
 to the store or the spool before it exits. If the model server crashes, what it had not handed
 over yet: at most one flush interval of traffic (``flush_ms``, 200 ms by default); what the writer
 had received it still writes (it ignores signals and stops at the end of its input). If the
-writer crashes, the batch it was holding (at most ``batch_events``) plus what sat in the pipe.
+writer crashes, what it had read and not yet stored and what sat in the pipe: about two flush
+intervals of traffic while it keeps up (a hand-over it dies reading is sent again to the next
+writer).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import io
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,16 +61,20 @@ from prometheus_client import Counter, Gauge
 
 from mlops.errors import BackendUnavailable
 from monitoring.events import (
+    SCHEMA_VERSION,
     Feedback,
     InferenceEvent,
     InferenceRequest,
     LoggedRequest,
     MalformedEvent,
-    answered_payload,
+    logged_answer,
+    plain,
 )
 from monitoring.logstore import LogStore
 
 log = logging.getLogger(__name__)
+REPORT_EVERY_S = 1.0  # the writer's counts to the model server's /metrics
+PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
 WRITER_NICENESS = 10  # the writer process's CPU priority below the model server's (see main)
 
 # What the spool replays through: (requests, labels, single events of the first spool layout).
@@ -78,12 +95,17 @@ WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writ
 
 
 # The pipe between the model server and its writer carries one line per item:
+#   b"a" + an answered request's payload (monitoring.events.answered_payload: a JSON head, a tab,
+#        the request body as it came, its newlines made spaces)
+#   b"i" + JSON [prefix, first]: the "a" lines that follow have the event ids prefix + hex(first),
+#        prefix + hex(first + 1), ... (the forwarder sends one before each hand-over)
 #   b"r" + JSON [event_id, ts_ms, model, version, role, request_id, rows] + b"\t" + payload
 #   b"f" + JSON [feedback, ...]
-# orjson escapes tabs and newlines inside strings, so the first tab splits a request line, and a
-# newline ends every line (an answered request's body has none left: see answered_payload). The
-# writer reads the header and passes the payload on unread: the embedded store keeps it as it
-# is. The spool holds the same lines.
+# orjson escapes tabs and newlines inside strings, so the first tab splits "a" and "r" lines, and
+# a newline ends every line (JSON whitespace is the only place a body can hold one). The writer
+# makes "a" lines into requests ("r": a header and the payload as it came; see PipeReader) and
+# passes an "r" line's payload on unread: the embedded store keeps it as it is. The spool holds
+# "r" and "f" lines.
 
 
 def encode(item: LoggedRequest | Sequence[Feedback]) -> bytes:
@@ -117,6 +139,60 @@ def decode(line: bytes) -> LoggedRequest | list[Feedback]:
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise MalformedEvent(f"unreadable log line: {exc!r}") from exc
     raise MalformedEvent(f"unreadable log line: kind {kind!r}")
+
+
+class PipeReader:
+    """The writer's side of the pipe: the item of each line, with the event ids of answered requests.
+
+    ``feed`` takes whatever the pipe held (the writer empties it in one read, so the model server's
+    next hand-over finds room for all of it) and returns the items of its whole lines; ``read``
+    takes one line. An id line is no item. An "a" line takes the next id whether it is readable or
+    not, so the lines after it keep their ids when a hand-over is sent again.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = f"{uuid.uuid4().hex[:12]}w"  # until the first id line (the logger sends one first)
+        self._next = 0
+        self.rest = b""  # the start of a line whose end has not come yet
+
+    def feed(self, data: bytes) -> list[LoggedRequest | list[Feedback]]:
+        *lines, self.rest = (self.rest + data if self.rest else data).split(b"\n")
+        items = []
+        for line in lines:
+            try:
+                item = self._item(line)
+            except MalformedEvent as exc:
+                log.error("skipping an unreadable record from the model server: %s", exc)
+                continue
+            if item is not None:
+                items.append(item)
+        return items
+
+    def read(self, line: bytes) -> LoggedRequest | list[Feedback] | None:
+        """The item of one line, with its newline (one without was cut short: MalformedEvent)."""
+        if line[:1] == b"a":
+            number, self._next = self._next, self._next + 1
+            if not line.endswith(b"\n"):
+                raise MalformedEvent("a log line cut short")
+            return logged_answer(f"{self._prefix}{number:x}", line[1:-1])
+        return self._item(line[:-1]) if line.endswith(b"\n") else decode(line)
+
+    def _item(self, line: bytes) -> LoggedRequest | list[Feedback] | None:
+        """The item of a line without its newline."""
+        kind = line[:1]
+        if kind == b"a":
+            number, self._next = self._next, self._next + 1
+            return logged_answer(f"{self._prefix}{number:x}", line[1:])  # the payload as it came
+        if kind == b"i":
+            try:
+                prefix, first = orjson.loads(line[1:])
+                if not isinstance(prefix, str) or not isinstance(first, int):
+                    raise TypeError(f"{prefix!r}, {first!r}")
+            except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                raise MalformedEvent(f"unreadable event id line: {exc!r}") from exc
+            self._prefix, self._next = prefix, first
+            return None
+        return decode(line + b"\n")
 
 
 class Spool:
@@ -230,12 +306,19 @@ class LogWriter:
             "spool_events": self.spool.events,
             "store_up": 1,
         }
+        self._reported: dict[str, int] = {}
+        self._reported_at = -REPORT_EVERY_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     def submit(self, item: LoggedRequest | list[Feedback]) -> None:
         self._pending.append(item)
+
+    @property
+    def backlog(self) -> int:
+        """Items submitted and not yet written (to the store or the spool)."""
+        return len(self._pending)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Write everything submitted to the store or the spool, then stop."""
@@ -254,7 +337,7 @@ class LogWriter:
             self._publish()
             if stopping:
                 self._drain()  # what arrived while the last batch was written
-                self._publish()
+                self._publish(final=True)
                 return
 
     def _drain(self) -> None:
@@ -327,10 +410,16 @@ class LogWriter:
         self._store_up = False
         self._next_retry = time.monotonic() + self._retry_s
 
-    def _publish(self) -> None:
+    def _publish(self, final: bool = False) -> None:
+        """Report the counts when they have changed, at most every ``REPORT_EVERY_S``: each report
+        wakes a thread of the model server, which takes the GIL from the request path."""
         self.stats["spool_events"] = self.spool.events
         self.stats["store_up"] = int(self._store_up)
-        if self._report is not None:
+        now = time.monotonic()
+        if self._report is None or self.stats == self._reported:
+            return
+        if final or now - self._reported_at >= REPORT_EVERY_S:
+            self._reported, self._reported_at = dict(self.stats), now
             self._report(dict(self.stats))
 
 
@@ -342,6 +431,9 @@ class InferenceLogger:
         self._pending: collections.deque[bytes] = collections.deque()
         self._capacity = queue_events
         self._flush_s = flush_ms / 1000
+        # Answered requests' event ids: this process's prefix and a count of those handed over.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._numbered = 0
         self._reported = {"written": 0, "spooled": 0, "rejected": 0}
         self._stop = threading.Event()
         self._process = self._spawn()
@@ -352,21 +444,34 @@ class InferenceLogger:
 
     def answered(
         self,
-        header: tuple[str, int, str, str, str, str, int],
-        latency_ms: float,
+        started: float,
+        model: str,
+        version: str,
+        role: str,
+        request_id: str,
         protocol: str,
         body: bytes,
         row_input: str | None,
         outputs: Mapping[str, Any],
     ) -> None:
-        """An answered request: its header (``LoggedRequest``'s first seven fields), the request
-        body as it came (``protocol`` v1 or v2; see ``answered_payload``) and its outputs."""
-        if len(self._pending) >= self._capacity:
-            DROPPED.inc(header[6])
+        """An answered request, now: ``started`` its ``time.perf_counter()`` on arrival, ``body``
+        the request body as it came (``protocol`` v1 or v2; ``row_input`` the input V1 rows of
+        plain values belong to), ``outputs`` one array per output, a row each."""
+        pending = self._pending
+        if len(pending) >= self._capacity:
+            first = next(iter(outputs.values()))
+            DROPPED.inc(len(first) if first.ndim else 1)
             return
-        self._pending.append(
-            _request_line(header, answered_payload(latency_ms, protocol, body, row_input, outputs))
-        )
+        if b"\n" in body:  # JSON whitespace (a newline inside a string is escaped): a line per request
+            body = body.replace(b"\n", b" ")
+        # answered_payload, inline (each call costs on the request path): the same bytes.
+        head = orjson.dumps(
+            (SCHEMA_VERSION, time.time(), time.perf_counter() - started, model, version, role, request_id,
+             protocol, row_input, outputs),
+            default=plain,
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )  # fmt: skip
+        pending.append(b"a%b\t%b\n" % (head, body))
 
     def log(self, request: InferenceRequest) -> None:
         """A request whose inputs were decoded here (a failed request, a shadow's answer)."""
@@ -405,6 +510,12 @@ class InferenceLogger:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # A hand-over (200 ms of traffic: some 700 KB at 10,000 requests/s) in one write, so the
+        # writer wakes once for it, not once per 64 KB (the default pipe): each wake can take the
+        # core the model server was answering on. As large as Linux lets a process make it.
+        with contextlib.suppress(OSError, AttributeError):
+            assert process.stdin is not None
+            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         threading.Thread(target=self._read_reports, args=(process,), name="log-reports", daemon=True).start()
         return process
 
@@ -415,14 +526,21 @@ class InferenceLogger:
             lines = [pending.popleft() for _ in range(len(pending))]
             QUEUE_DEPTH.set(len(pending))
             if lines:
-                self._send(b"".join(lines))
+                data = b"".join(lines)
+                # The answered requests' ids, numbered in the order they go (see PipeReader). Every
+                # newline ends a line, so b"\na" starts an answered request (all but the first).
+                answered = data.count(b"\na") + data.startswith(b"a")
+                first, self._numbered = self._numbered, self._numbered + answered
+                self._send(b"i%b\n" % orjson.dumps([self._id_prefix, first]), data)
             if stopping:
                 return
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, ids: bytes, data: bytes) -> None:
+        """One hand-over: its id line, then its lines (written apart: no copy of them joined)."""
         for _ in range(2):
             try:
                 assert self._process.stdin is not None
+                self._process.stdin.write(ids)
                 self._process.stdin.write(data)
                 self._process.stdin.flush()
                 return
@@ -443,6 +561,95 @@ class InferenceLogger:
                 SPOOL_EVENTS.set(stats["spool_events"])
                 STORE_UP.set(stats["store_up"])
         self._reported = {"written": 0, "spooled": 0, "rejected": 0}  # a new writer counts from 0
+
+
+class CpuPriority:
+    """The writer process's CPU priority: idle while it keeps up, its niced share when it falls behind.
+
+    Idle (Linux's SCHED_IDLE): the writer runs only on CPU time nothing else wants, and any thread
+    of the model server that wakes takes its core at once. Under the normal policy, even niced, a
+    writer woken on the core the server is answering on holds it for a slice: the server's p99 at
+    concurrency 1 went from 0.14 to 1.3 ms. When it falls behind, it takes its niced fair share
+    until it has caught up, so that a machine busy to the last cycle slows it down instead of
+    starving it until the model server's queue fills and drops events. Behind: a quarter of the
+    pipe unread, or 20 batches waiting for the store, at every check for ``patience`` checks in a
+    row (a hand-over arrives all at once: a moment over is normal). Caught up: under a 16th of the
+    pipe and 10 batches.
+    """
+
+    def __init__(self, backlog: Callable[[], tuple[int, int]], batch_events: int, patience: int = 4) -> None:
+        self._backlog = backlog  # (bytes unread in the pipe, items waiting for the store)
+        self._batch = max(1, batch_events)
+        self._patience = patience
+        self._over = 0  # checks in a row with a backlog
+        self.idle: bool | None = None
+        # Leaving SCHED_IDLE takes CAP_SYS_NICE or an RLIMIT_NICE that allows the writer's nice
+        # value; where it is not allowed (a container's unprivileged user), the writer stays niced.
+        self.usable = _leaves_idle()
+        if not self.usable:
+            log.info("log writer: CPU priority stays niced (SCHED_IDLE could not be left again here)")
+
+    def update(self) -> None:
+        if not self.usable:
+            return
+        unread, waiting = self._backlog()
+        over = unread > PIPE_BYTES // 4 or waiting > 20 * self._batch
+        self._over = self._over + 1 if over else 0
+        if self.idle is None or (self.idle and self._over >= self._patience):
+            if self.idle:
+                log.info(
+                    "log writer behind (%d bytes unread, %d waiting): taking its CPU share", unread, waiting
+                )
+            self._set(idle=self.idle is None)
+        elif self.idle is False and unread < PIPE_BYTES // 16 and waiting <= 10 * self._batch:
+            log.info("log writer caught up: leaving the CPU to others again")
+            self._set(idle=True)
+
+    def follow(self, every_s: float = 0.05) -> None:
+        """Check the backlog every ``every_s``, for good (in a thread of the writer process)."""
+        while True:
+            self.update()
+            time.sleep(every_s)
+
+    def _set(self, idle: bool) -> None:
+        policy = getattr(os, "SCHED_IDLE", None) if idle else getattr(os, "SCHED_OTHER", None)
+        if policy is not None:
+            for thread in os.listdir("/proc/self/task"):  # the policy is each thread's own
+                with contextlib.suppress(OSError, ValueError):
+                    os.sched_setscheduler(int(thread), policy, os.sched_param(0))
+        self.idle = idle
+
+
+def _leaves_idle() -> bool:
+    """Whether a thread of this process can go SCHED_IDLE and come back (tried on a thread of its own)."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            result.append(False)
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="log-priority-probe")
+    thread.start()
+    thread.join()
+    return result == [True]
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def main() -> int:
@@ -469,11 +676,14 @@ def main() -> int:
     logs = settings.logs
     store = get_log_store(settings.log_store_url, **settings.log_store_options())
     writer = LogWriter(store, settings.serving_dir / "spool", logs.batch_events, logs.flush_ms, report=report)
-    for line in sys.stdin.buffer:
-        try:
-            writer.submit(decode(line))
-        except MalformedEvent:
-            log.error("skipping an unreadable record from the model server")
+    priority = CpuPriority(lambda: (_unread(sys.stdin.fileno()), writer.backlog), logs.batch_events)
+    threading.Thread(target=priority.follow, name="log-priority", daemon=True).start()
+    pipe = PipeReader()
+    while chunk := sys.stdin.buffer.read1(PIPE_BYTES):  # all the pipe holds, in one read
+        for item in pipe.feed(chunk):
+            writer.submit(item)
+    if pipe.rest:
+        log.error("skipping a record cut short at the end of the model server's input")
     writer.close()
     return 0
 

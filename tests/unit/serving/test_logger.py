@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent, answered_payload
+from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent
 from monitoring.logstore import WriteResult
-from serving.logger import InferenceLogger, LogWriter, Spool, decode, encode, encode_request
+from serving.logger import InferenceLogger, LogWriter, PipeReader, Spool, decode, encode, encode_request
 from serving.signature import RequestDecoder, Signature, TensorSpec
 
 
@@ -158,8 +161,6 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking():
 
 
 def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, monkeypatch):
-    import sys
-
     from monitoring.logstore import get_log_store
     from serving.logger import WRITTEN
 
@@ -172,13 +173,17 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
         logger.log(request(i))
     body = b'{"instances": [{"amount": 3, "country": "FR"}]}'
     outputs = {"label": np.asarray(["legit"], dtype=object), "probabilities": np.full((1, 2), 0.5)}
-    logger.answered(("answered", 9_000, "fraud", "1", "stable", "req-a", 1), 0.2, "v1", body, None, outputs)
+    began = time.time()
+    logger.answered(time.perf_counter() - 0.002, "fraud", "1", "stable", "req-a", "v1", body, None, outputs)
     logger.feedback([Feedback("req-1", 0, "fraud")])
     logger.close()
     store = get_log_store(url)
     assert store.count("fraud", 0, 2**62) == 81
     [answered] = [e for e in store.query("fraud", 0, 2**62) if e.request_id == "req-a"]
-    assert (answered.event_id, answered.inputs) == ("answered-0", {"amount": 3, "country": "FR"})
+    assert answered.inputs == {"amount": 3, "country": "FR"}
+    assert answered.outputs == {"label": "legit", "probabilities": [0.5, 0.5]}
+    assert 2 <= answered.latency_ms < 1000
+    assert began * 1000 - 1 <= answered.ts_ms <= time.time() * 1000
     assert [x.label for x in store.labelled("fraud", 0, 2**62) if x.event.request_id == "req-1"] == [
         "fraud",
         None,
@@ -269,15 +274,50 @@ FRAUD = Signature(
 WIDE = Signature((TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "INT64", (-1,)),), "onnx")
 
 
-def answered_line(signature: Signature, protocol: str, body: bytes) -> bytes:
-    """What the model server's request path hands over for a body its decoder accepted."""
+def handed_over(tmp_path: Path, *groups: list[Any], flush_ms: float = 600_000) -> list[bytes]:
+    """The lines InferenceLogger hands its writer for these groups of ``answered`` calls, the
+    groups a flush interval apart (to a process that keeps the lines in a file)."""
+    out = tmp_path / f"pipe-{time.monotonic_ns()}"
+    keep = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
+    logger = InferenceLogger([sys.executable, "-c", keep, str(out)], flush_ms=flush_ms)
+    for number, group in enumerate(groups):
+        if number:
+            time.sleep(3 * flush_ms / 1000)
+        for args in group:
+            if callable(args):  # anything else the logger is handed: a failed request, labels
+                args(logger)
+            else:
+                logger.answered(*args)
+    logger.close()
+    return out.read_bytes().splitlines(keepends=True)
+
+
+def answered(signature: Signature, protocol: str, body: bytes) -> tuple[Any, ...]:
+    """The arguments of ``InferenceLogger.answered`` for a body the model server's decoder accepted."""
     decoder = RequestDecoder("fraud", "4", signature, max_batch_rows=100)
     inputs = decoder.v2(orjson.loads(body)) if protocol == "v2" else decoder.v1(orjson.loads(body))
     rows = len(next(iter(inputs.values())))
     outputs = {"label": np.asarray(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5)}
-    header = ("000003", 1_003, "fraud", "4", "stable", "req-3", rows)
-    # The line InferenceLogger.answered queues: the header, and the body as it came.
-    return encode(LoggedRequest(*header, answered_payload(0.4, protocol, body, decoder.row_input, outputs)))
+    return (
+        time.perf_counter() - 0.0004,
+        "fraud",
+        "4",
+        "stable",
+        "req-3",
+        protocol,
+        body,
+        decoder.row_input,
+        outputs,
+    )
+
+
+def stored_answer(tmp_path: Path, signature: Signature, protocol: str, body: bytes) -> LoggedRequest:
+    """What the writer process makes of an answered request: the request the store keeps."""
+    lines = handed_over(tmp_path, [answered(signature, protocol, body)])
+    assert len(lines) == 2  # the event ids, then the request: a newline in the body is whitespace
+    pipe = PipeReader()
+    assert pipe.read(lines[0]) is None
+    return pipe.read(lines[1])
 
 
 @pytest.mark.parametrize(
@@ -322,18 +362,82 @@ def answered_line(signature: Signature, protocol: str, body: bytes) -> bytes:
         ),
     ],
 )
-def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(signature, protocol, body, inputs):
-    line = answered_line(signature, protocol, body)
-    assert line.count(b"\n") == 1  # a newline in the body is JSON whitespace: one line per request
-    logged = decode(line)
-    assert (logged.event_id, logged.model, logged.version, logged.request_id, logged.rows) == (
-        "000003", "fraud", "4", "req-3", 2,
+def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(
+    tmp_path, signature, protocol, body, inputs
+):
+    began = time.time()
+    logged = stored_answer(tmp_path, signature, protocol, body)
+    assert (logged.model, logged.version, logged.role, logged.request_id, logged.rows) == (
+        "fraud", "4", "stable", "req-3", 2,
     )  # fmt: skip
+    assert began * 1000 - 1 <= logged.ts_ms <= time.time() * 1000
     events = logged.events()
-    assert [e.event_id for e in events] == ["000003-0", "000003-1"]
+    assert [e.event_id for e in events] == [f"{logged.event_id}-0", f"{logged.event_id}-1"]
     assert [e.inputs for e in events] == inputs  # values as the client sent them
     assert [e.outputs for e in events] == [{"label": "legit", "probabilities": [0.5, 0.5]}] * 2
+    assert all(0.4 <= e.latency_ms < 1000 for e in events)
     assert decode(encode(logged)) == logged  # the spool keeps the same line
+
+
+def test_answered_requests_are_numbered_by_hand_over_and_a_resent_hand_over_keeps_its_ids(tmp_path):
+    """Event ids come from the logger's count, not the writer's: the lines of a hand-over sent again
+    to a new writer (the first died reading it) get the same ids, so the store keeps them once."""
+    request = answered(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
+
+    def failed(logger: InferenceLogger) -> None:
+        logger.log(InferenceRequest("failed", 1, "m", "1", "stable", "q", 0.1, {}, {}, "error"))
+
+    def labels(logger: InferenceLogger) -> None:
+        logger.feedback([Feedback("req-1", 0, "fraud")])
+
+    lines = handed_over(
+        tmp_path, [request, failed, request, labels, request], [labels, request] * 2, flush_ms=50
+    )
+    items = [item for item in map(PipeReader().read, lines) if item is not None]
+    assert [item for item in map(PipeReader().read, lines) if item is not None] == items  # sent again
+    prefix = orjson.loads(lines[0][1:])[0]
+    answers = [item for item in items if isinstance(item, LoggedRequest) and item.event_id != "failed"]
+    assert [item.event_id for item in answers] == [f"{prefix}{n}" for n in range(5)]
+    assert len(items) == 5 + 1 + 3
+    # Each hand-over starts with the number of the answered requests handed over before it.
+    for position, line in enumerate(lines):
+        if line.startswith(b"i"):
+            assert orjson.loads(line[1:]) == [prefix, sum(x.startswith(b"a") for x in lines[:position])]
+
+    # The writer reads whatever the pipe holds: lines cut anywhere make the same items.
+    data = b"".join(lines)
+    for size in (1, 7, 4096, len(data)):
+        pipe = PipeReader()
+        fed = [item for start in range(0, len(data), size) for item in pipe.feed(data[start : start + size])]
+        assert fed == items and pipe.rest == b""
+
+    # A line the writer cannot read still takes its number: the lines after it keep theirs.
+    pipe = PipeReader()
+    pipe.read(lines[0])
+    with pytest.raises(MalformedEvent):
+        pipe.read(b"a[1]\t{}\n")
+    assert pipe.read(lines[3]).event_id == f"{prefix}1"
+    pipe = PipeReader()
+    fed = pipe.feed(lines[0] + b"a[1]\t{}\n" + lines[3] + lines[1][:20])
+    assert [item.event_id for item in fed] == [f"{prefix}1"] and pipe.rest == lines[1][:20].rstrip(b"\n")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'a[1,1795736830.9,0.001,"m","1","stable","q","v1",null,{"y":[1]}]',  # cut short
+        b'a[1,1795736830.9,0.001,"m","1","stable","q","v1",null,{"y":[1]}]\n',  # no body
+        b'a[1,1795736830.9,0.001,"m","1","stable","q","v1",null]\t{}\n',
+        b'a[1,1795736830.9,0.001,"m","1","stable","q","v1",null,[1]]\t{}\n',
+        b'a[1,1795736830.9,0.001,"m","1","stable","q","v1",null,{}]\t{}\n',
+        b"anot json\t{}\n",
+        b"i[1,2]\n",
+        b"i{]\n",
+    ],
+)
+def test_an_unreadable_answered_or_id_line_is_malformed_not_a_crash(line):
+    with pytest.raises(MalformedEvent):
+        PipeReader().read(line)
 
 
 @pytest.mark.parametrize(
@@ -341,14 +445,65 @@ def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(signature
     [
         (b"[[1, 2, 3]]", b"[]"),  # no rows
         (b"[[1, 2, 3]]", b"[[1, 2, 3], [4, 5, 6]]"),  # rows that disagree with the header
-        (b'"row_input":"x"', b'"row_input":null'),  # plain rows and no input named for them
-        (b'"protocol":"v1"', b'"protocol":"v7"'),
+        (b'"v1","x"', b'"v1",null'),  # plain rows and no input named for them
+        (b'"v1"', b'"v7"'),  # the protocol
         (b'"instances"', b'"rows"'),
+        (b"[1,", b"[9,"),  # the schema version
+        (b"\t", b" "),  # no head
     ],
 )
-def test_an_answered_request_that_does_not_fit_is_malformed(old, new):
-    line = answered_line(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
-    assert decode(line).rows == 1 and decode(line).events()[0].inputs == {"x": [1, 2, 3]}
-    assert old in line
+def test_an_answered_request_that_does_not_fit_is_malformed(tmp_path, old, new):
+    logged = stored_answer(tmp_path, WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
+    assert logged.rows == 1 and logged.events()[0].inputs == {"x": [1, 2, 3]}
+    assert old in logged.body
     with pytest.raises(MalformedEvent):
-        decode(line.replace(old, new)).events()
+        logged._replace(body=logged.body.replace(old, new)).events()
+
+
+def test_an_answered_request_of_the_previous_layout_is_still_read():
+    """Stored before the payload was the model server's line: a JSON object, the body under "request"."""
+    payload = (
+        b'{"schema_version":1,"latency_ms":0.4,"protocol":"v1","row_input":null,'
+        b'"request":{"instances": [{"amount": 2, "country": "FR"}]},"outputs":{"label":["legit"]},'
+        b'"status":"ok","error":null}'
+    )
+    [event] = LoggedRequest("old", 1_000, "fraud", "1", "stable", "req-9", 1, payload).events()
+    assert (event.event_id, event.inputs, event.outputs) == (
+        "old-0",
+        {"amount": 2, "country": "FR"},
+        {"label": "legit"},
+    )
+
+
+def test_the_writer_leaves_the_cpu_to_others_while_it_keeps_up_and_takes_its_share_when_behind():
+    """In a process of its own: the policy is changed for every thread of the process."""
+    import os
+    import subprocess
+
+    script = """
+import os
+from serving.logger import PIPE_BYTES, CpuPriority
+backlog = [0, 0]
+priority = CpuPriority(lambda: tuple(backlog), batch_events=100, patience=2)
+seen = []
+for unread, waiting in [
+    (0, 0), (PIPE_BYTES // 2, 0), (0, 0), (PIPE_BYTES // 2, 0), (0, 2001),
+    (PIPE_BYTES // 8, 1000), (0, 0), (0, 2001), (0, 2001), (0, 1001), (0, 1000),
+]:
+    backlog[:] = unread, waiting
+    priority.update()
+    seen.append(os.sched_getscheduler(0))
+print(priority.usable, seen)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    usable, seen = done.stdout.split(" ", 1)
+    idle, normal = os.SCHED_IDLE, os.SCHED_OTHER
+    if usable == "True":
+        # Behind (over a quarter of the pipe, or 20 batches) at two checks in a row, not one; caught
+        # up under a 16th of the pipe and 10 batches.
+        expected = [idle, idle, idle, idle, normal, normal, idle, idle, normal, normal, idle]
+        assert seen.strip() == str(expected)
+    else:  # where SCHED_IDLE could not be left again, it is never taken
+        assert seen.strip() == str([normal] * 11)
