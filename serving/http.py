@@ -268,7 +268,7 @@ class Front:
         assert self.logger is not None
         self.logger.log(
             InferenceRequest(
-                event_id=self._event_id(),
+                event_id=f"{self._id_prefix}{next(self._ids):x}",
                 ts_ms=time.time_ns() // 1_000_000,
                 model=answered.model.name,
                 version=answered.version,
@@ -281,9 +281,6 @@ class Front:
                 error=error,
             )
         )
-
-    def _event_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):x}"
 
     def _mirror(self, shadow: Loaded, inputs: dict[str, Any], request_id: str) -> None:
         """Shadow mode: the canary computes the same inputs; its answer is logged, not returned."""

@@ -170,12 +170,11 @@ class PipeReader:
 
     def read(self, line: bytes) -> LoggedRequest | list[Feedback] | None:
         """The item of one line, with its newline (one without was cut short: MalformedEvent)."""
-        if line[:1] == b"a":
-            number, self._next = self._next, self._next + 1
-            if not line.endswith(b"\n"):
-                raise MalformedEvent("a log line cut short")
-            return logged_answer(f"{self._prefix}{number:x}", line[1:-1])
-        return self._item(line[:-1]) if line.endswith(b"\n") else decode(line)
+        if not line.endswith(b"\n"):
+            if line.startswith(b"a"):
+                self._next += 1  # its number is taken all the same
+            raise MalformedEvent("a log line cut short")
+        return self._item(line[:-1])
 
     def _item(self, line: bytes) -> LoggedRequest | list[Feedback] | None:
         """The item of a line without its newline."""
@@ -415,12 +414,12 @@ class LogWriter:
         wakes a thread of the model server, which takes the GIL from the request path."""
         self.stats["spool_events"] = self.spool.events
         self.stats["store_up"] = int(self._store_up)
-        now = time.monotonic()
         if self._report is None or self.stats == self._reported:
             return
+        now = time.monotonic()
         if final or now - self._reported_at >= REPORT_EVERY_S:
             self._reported, self._reported_at = dict(self.stats), now
-            self._report(dict(self.stats))
+            self._report(self._reported)
 
 
 class InferenceLogger:
@@ -595,13 +594,12 @@ class CpuPriority:
         unread, waiting = self._backlog()
         over = unread > PIPE_BYTES // 4 or waiting > 20 * self._batch
         self._over = self._over + 1 if over else 0
-        if self.idle is None or (self.idle and self._over >= self._patience):
-            if self.idle:
-                log.info(
-                    "log writer behind (%d bytes unread, %d waiting): taking its CPU share", unread, waiting
-                )
-            self._set(idle=self.idle is None)
-        elif self.idle is False and unread < PIPE_BYTES // 16 and waiting <= 10 * self._batch:
+        if self.idle is None:  # the first check: start idle
+            self._set(idle=True)
+        elif self.idle and self._over >= self._patience:
+            log.info("log writer behind (%d bytes unread, %d waiting): taking its CPU share", unread, waiting)
+            self._set(idle=False)
+        elif not self.idle and unread < PIPE_BYTES // 16 and waiting <= 10 * self._batch:
             log.info("log writer caught up: leaving the CPU to others again")
             self._set(idle=True)
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent
+from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent, answered_payload
 from monitoring.logstore import WriteResult
 from serving.logger import InferenceLogger, LogWriter, PipeReader, Spool, decode, encode, encode_request
 from serving.signature import RequestDecoder, Signature, TensorSpec
@@ -377,6 +377,28 @@ def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(
     assert [e.outputs for e in events] == [{"label": "legit", "probabilities": [0.5, 0.5]}] * 2
     assert all(0.4 <= e.latency_ms < 1000 for e in events)
     assert decode(encode(logged)) == logged  # the spool keeps the same line
+
+
+def test_the_request_path_writes_the_payload_answered_payload_defines(tmp_path):
+    """InferenceLogger.answered makes the payload inline (a call costs on the request path): the
+    same bytes as monitoring.events.answered_payload, which the benchmark and the readers go by."""
+    args = answered(FRAUD, "v1", b'{"instances": [\n{"amount": 1.5, "country": "DE"}]}')
+    [_, line] = handed_over(tmp_path, [args])
+    _, ts_s, latency_s, *_ = orjson.loads(line[1 : line.index(b"\t")])
+    started, model, version, role, request_id, protocol, body, row_input, outputs = args
+    expected = answered_payload(
+        ts_s,
+        latency_s,
+        model,
+        version,
+        role,
+        request_id,
+        protocol,
+        body.replace(b"\n", b" "),
+        row_input,
+        outputs,
+    )
+    assert line == b"a" + expected + b"\n"
 
 
 def test_answered_requests_are_numbered_by_hand_over_and_a_resent_hand_over_keeps_its_ids(tmp_path):
