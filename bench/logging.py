@@ -4,9 +4,10 @@ One run, the same events (shaped like the demo model's: three raw features, a la
 scores), for each store:
 
 - ``sqlite``: the embedded store, alone, and while another *process* scans the same window over
-  and over (the model server writing while an Airflow task reads), written both ways: events one
-  by one (``write``), and requests as the model server's log writer hands them over
-  (``write_requests``: one record per request, expanded to rows when read);
+  and over (the model server writing while an Airflow task reads), written three ways: events one
+  by one (``write``), requests (``write_requests``: one record per request, expanded to rows when
+  read), and hand-overs of answered requests as the model server's log writer stores them
+  (``write_batches``: one record per hand-over, its lines as they came);
 - ``opensearch``: osmem-server (in-memory OpenSearch API) through opensearch-py;
 - ``elasticsearch``: the same server through the official client and the header proxy of the tests.
 
@@ -28,12 +29,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from monitoring.events import InferenceEvent, LoggedRequest, answered_payload, logged_answer
+from monitoring.events import AnsweredBatch, InferenceEvent, LoggedRequest, answered_payload, logged_answer
 from monitoring.logstore import get_log_store
 
 BATCH = 500
@@ -86,17 +88,26 @@ def requests(count: int, offset: int = 0) -> list[LoggedRequest]:
     ]
 
 
-def write_rate(url: str, count: int, as_requests: bool = False, **options: object) -> float:
+def hand_over(count: int, offset: int) -> AnsweredBatch:
+    """The same requests as ``requests``, as the log writer reads them from the model server."""
+    lines = b"".join(b"a%b\n" % request.body for request in requests(count, offset))
+    batch = AnsweredBatch.scan("bench", offset, lines)
+    assert batch is not None
+    return batch
+
+
+WAYS: dict[str, Callable[[int, int], Any]] = {"": events, " requests": requests, " hand-overs": hand_over}
+
+
+def write_rate(url: str, count: int, way: str = "", **options: object) -> float:
     store = get_log_store(url, **options)
-    if as_requests:
-        batches = [requests(BATCH, offset) for offset in range(0, count, BATCH)]
-        write = store.write_requests
-    else:
-        batches = [events(BATCH, offset) for offset in range(0, count, BATCH)]
-        write = store.write  # type: ignore[assignment]
+    write = {"": store.write, " requests": store.write_requests, " hand-overs": store.write_batches}[way]
+    batches = [WAYS[way](BATCH, offset) for offset in range(0, count, BATCH)]
+    if way == " hand-overs":
+        batches = [[batch] for batch in batches]  # type: ignore[misc]
     began = time.perf_counter()
     for batch in batches:
-        write(batch)  # type: ignore[arg-type]
+        write(batch)  # type: ignore[operator]
     elapsed = time.perf_counter() - began
     store.refresh()
     return count / elapsed
@@ -128,9 +139,9 @@ def main() -> int:
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mlops-bench-log-") as tmp:
-        for way, as_requests in (("", False), (" requests", True)):
+        for way in WAYS:
             alone = f"sqlite:///{Path(tmp) / f'alone{way.strip()}.db'}"
-            results[f"sqlite write{way}"] = write_rate(alone, count, as_requests)
+            results[f"sqlite write{way}"] = write_rate(alone, count, way)
             results[f"sqlite{way} read window"] = read_rate(alone, count)
             progress(
                 f"sqlite{way}: {results[f'sqlite write{way}']:,.0f} events/s written,"
@@ -145,7 +156,7 @@ def main() -> int:
             reader.start()
             time.sleep(1.0)
             try:
-                results[f"sqlite write{way} while a reader scans"] = write_rate(shared, count, as_requests)
+                results[f"sqlite write{way} while a reader scans"] = write_rate(shared, count, way)
             finally:
                 stop.set()
                 reader.join(30)
@@ -175,7 +186,7 @@ def main() -> int:
     print("| --- | --- | --- |")
     for name, rate in results.items():
         print(f"| {name} | {rate:,.0f} | {rate / baseline:.2f}x |")
-    for way in ("", " requests"):
+    for way in WAYS:
         target = results[f"sqlite write{way} while a reader scans"]
         print(
             f"\nembedded store written{way or ' events'} while a reader scans: {target:,.0f} events/s"

@@ -5,7 +5,8 @@ URLs may end in ``?timeout_ms=N``: how long one request may take before the stor
 
 - ``sqlite:///path/to/inference.db``: the embedded default. SQLite in WAL mode: one process
   writes (the model server) while others read (Airflow tasks, ``mlops logs``), and a committed
-  batch survives a crash of the writer. It keeps whole requests and expands them to rows on read.
+  batch survives a crash of the writer. It keeps whole hand-overs of requests and expands them to
+  rows on read.
 - ``elasticsearch://host:9200`` (``elasticsearch+https://``): Elasticsearch 8/9 with the official
   ``elasticsearch`` client: index template with explicit mappings, ILM retention, daily indices.
 - ``opensearch://host:9200`` (``opensearch+https://``): the OpenSearch flavour through
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from mlops.errors import ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, LoggedRequest
+from monitoring.events import AnsweredBatch, Feedback, InferenceEvent, Labelled, LoggedRequest
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class LogStore(Protocol):
         ``<event_id>-<row>``, and the result counts events, as ``write`` does. The embedded store
         keeps the body unread (one that turns out malformed is skipped and counted on read);
         the search stores expand it to documents and reject it by its event id."""
+        ...
+
+    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
+        """Store hand-overs of answered requests (their event ids are ``<event_id>-<row>`` as for
+        ``write_requests``), counted in events. The embedded store keeps each as one record, read
+        when queried; the search stores expand them to documents."""
         ...
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from mlops.errors import BackendUnavailable, ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, LoggedRequest, MalformedEvent
+from monitoring.events import AnsweredBatch, Feedback, InferenceEvent, Labelled, LoggedRequest, MalformedEvent
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 log = logging.getLogger(__name__)
@@ -388,6 +388,18 @@ class SearchLogStore:
             except MalformedEvent as exc:
                 unreadable.append(f"{request.event_id}: {exc}")
         result = self.write(events)
+        return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
+
+    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
+        requests: list[LoggedRequest] = []
+        unreadable: list[str] = []
+        for batch in batches:
+            for index, request in enumerate(batch.requests()):
+                if request is None:
+                    unreadable.append(f"{batch.event_id(index)}: not an answered request")
+                else:
+                    requests.append(request)
+        result = self.write_requests(requests)
         return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:

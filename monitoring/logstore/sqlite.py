@@ -5,19 +5,25 @@ processes (DuckDB allows no reader in another process while one has it open for 
 committed transaction survives a crash of the writer. ``synchronous=FULL`` makes it survive a
 power cut too, at one fsync per batch (the logger writes batches, so that is cheap).
 
-Written in requests, read in rows: a record is a whole request as the model server encoded it
-(kind ``r``: the columns of its header and its payload, expanded to one event per row when read)
-or a single event written on its own (kind ``e``). Writing a request costs one row insert and no
-decoding, whatever its size: that is what keeps the log writer's CPU off the model server's
-cores. Records are keyed by their event id (INSERT OR IGNORE: a replayed batch adds nothing
-twice); every row of a record shares its time, model, version and role, so window filters are
-exact on records; reads page by (ts_ms, key) keyset, so a window of any size is read without
-OFFSET.
+Written in hand-overs, read in rows. Table ``batches``: a hand-over of answered requests as the
+model server wrote them (``AnsweredBatch``: its lines, the range of their event ids, their time
+range, event count and models), one insert and no decoding however many requests it holds: that
+is what keeps the log writer's CPU off the model server's cores. Table ``records``: a whole request
+(kind ``r``: the columns of its header and its payload; a failed request, one of another layout)
+or a single event written on its own (kind ``e``). A read selects the window's records by keyset
+on (ts_ms, key) and the hand-overs whose time range meets it, parses and filters the hand-overs'
+requests exactly, and merges both in (ts_ms, event id) order; a window of any size is read without
+OFFSET. An event id is stored once: records by INSERT OR IGNORE, hand-overs by the ranges of their
+source already stored (a replayed batch adds nothing twice).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import heapq
+import itertools
+import operator
 import os
 import sqlite3
 import threading
@@ -30,6 +36,7 @@ import orjson
 
 from mlops.errors import BackendUnavailable, ConfigError
 from monitoring.events import (
+    AnsweredBatch,
     Feedback,
     InferenceEvent,
     Labelled,
@@ -39,7 +46,11 @@ from monitoring.events import (
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 PAGE = 2000  # records per read
-_SCHEMA_VERSION = 2  # PRAGMA user_version; 1 kept one row per event in a table "events"
+BATCH_PAGE = 8  # batches (hand-overs: some 2,000 requests each at 10,000 requests/s) per read
+# A batch whose requests' times lie further apart is kept as single requests: window reads look
+# back this far for a batch that began before the window.
+MAX_SPAN_MS = 600_000
+_SCHEMA_VERSION = 3  # PRAGMA user_version; 1 kept one row per event in a table "events", 2 no batches
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     key TEXT NOT NULL UNIQUE,
@@ -53,6 +64,18 @@ CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_by_model_time ON records (model, ts_ms, key);
+CREATE TABLE IF NOT EXISTS batches (
+    source TEXT NOT NULL,
+    first INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    ts_min_ms INTEGER NOT NULL,
+    ts_max_ms INTEGER NOT NULL,
+    models TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (source, first)
+);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches (ts_min_ms);
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL,
     row INTEGER NOT NULL,
@@ -72,6 +95,8 @@ _INSERT = (
 )
 _INSERT_REQUEST = _INSERT.replace("?)", "'r')")
 _RECORD = "kind, key, ts_ms, model, version, role, request_id, rows, body"  # kind, then a LoggedRequest
+_BATCH = "source, first, count, rows, ts_min_ms, ts_max_ms, models, body"  # an AnsweredBatch
+_INSERT_BATCH = f"INSERT INTO batches ({_BATCH}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class SqliteLogStore:
@@ -156,6 +181,30 @@ class SqliteLogStore:
                 written = sum(r[6] for r in records if db.execute(sql, r).rowcount == 1)
         return WriteResult(written=written, duplicates=total - written, rejected=[])
 
+    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
+        """One record per batch, in one transaction. An event id already stored (a hand-over sent
+        again after the writer died reading it, cut in other places) is kept as it was: only the
+        part of a batch that no stored batch of its source holds is written. A batch whose times
+        lie further apart than ``MAX_SPAN_MS`` is written as single requests."""
+        narrow, wide = [], []
+        for batch in batches:
+            if batch.ts_max_ms - batch.ts_min_ms <= MAX_SPAN_MS:
+                narrow.append(batch)
+            else:
+                wide += [request for request in batch.requests() if request is not None]
+        total = sum(b.rows for b in narrow)
+        with self._transaction("write") as db:
+            written = 0
+            for batch in narrow:
+                for part in _new_parts(db, batch):
+                    db.execute(_INSERT_BATCH, (*part[:6], orjson.dumps(part.models), part.body))
+                    written += part.rows
+        result = WriteResult(written=written, duplicates=total - written, rejected=[])
+        if not wide:
+            return result
+        single = self.write_requests(wide)
+        return WriteResult(result.written + single.written, result.duplicates + single.duplicates, [])
+
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:
         rows = [(f.request_id, f.row, orjson.dumps(f.label), f.ts_ms) for f in feedback]
         with self._transaction("feedback write") as db:
@@ -175,9 +224,8 @@ class SqliteLogStore:
         role: str | None = None,
         stats: ReadStats | None = None,
     ) -> Iterator[InferenceEvent]:
-        for page in self._pages(model, start_ms, end_ms, version, role):
-            for record in page:
-                yield from _expand(record, stats)
+        for record in self._ordered(model, start_ms, end_ms, version, role, stats):
+            yield from _expand(record, stats)
 
     def labelled(
         self,
@@ -187,7 +235,8 @@ class SqliteLogStore:
         version: str | None = None,
         stats: ReadStats | None = None,
     ) -> Iterator[Labelled]:
-        for page in self._pages(model, start_ms, end_ms, version, None):
+        records = self._ordered(model, start_ms, end_ms, version, None, stats)
+        while page := list(itertools.islice(records, PAGE)):
             labels = self._labels(sorted({record[6] for record in page}))
             for record in page:
                 for event in _expand(record, stats):
@@ -200,6 +249,51 @@ class SqliteLogStore:
         )
         rows = self._read(sql, [orjson.dumps(request_ids).decode()])
         return {(request_id, row): label for request_id, row, label in rows}
+
+    def _ordered(
+        self,
+        model: str,
+        start_ms: int,
+        end_ms: int,
+        version: str | None,
+        role: str | None,
+        stats: ReadStats | None,
+    ) -> Iterator[tuple[Any, ...]]:
+        """The window's records (``_RECORD`` columns) in (ts_ms, key) order: the single ones and
+        the requests of the batches, merged. Both come in order of their (first) time, and nothing
+        after a batch's start can be older than it, so what is older than the next start is final."""
+        singles = ((record[2], (record,)) for page in self._pages(model, start_ms, end_ms, version, role)
+                   for record in page)  # fmt: skip
+        batches = (
+            (batch.ts_min_ms, _requests(batch, model, start_ms, end_ms, version, role, stats))
+            for batch in self._batches(model, start_ms, end_ms)
+        )
+        waiting: list[tuple[int, str, tuple[Any, ...]]] = []
+        for start, records in heapq.merge(singles, batches, key=operator.itemgetter(0)):
+            while waiting and waiting[0][0] < start:
+                yield heapq.heappop(waiting)[2]
+            for record in records:
+                heapq.heappush(waiting, (record[2], record[1], record))
+        while waiting:
+            yield heapq.heappop(waiting)[2]
+
+    def _batches(self, model: str, start_ms: int, end_ms: int) -> Iterator[AnsweredBatch]:
+        """The batches holding requests of ``model`` that may lie in the window, by first time."""
+        sql = (
+            f"SELECT {_BATCH} FROM batches WHERE ts_min_ms >= ? AND ts_min_ms < ? AND ts_max_ms >= ?"
+            " AND EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)"
+            " AND (ts_min_ms > ? OR (ts_min_ms = ? AND (source > ? OR (source = ? AND first > ?))))"
+            " ORDER BY ts_min_ms, source, first LIMIT ?"
+        )
+        after: tuple[int, str, int] = (-(2**62), "", -1)
+        while True:
+            params = [start_ms - MAX_SPAN_MS, end_ms, start_ms, model]
+            page = self._read(sql, [*params, after[0], after[0], after[1], after[1], after[2], BATCH_PAGE])
+            for row in page:
+                yield AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+            if len(page) < BATCH_PAGE:
+                return
+            after = (page[-1][4], page[-1][0], page[-1][1])
 
     def _pages(
         self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
@@ -222,16 +316,27 @@ class SqliteLogStore:
         self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None
     ) -> int:
         where, params = _window(model, start_ms, end_ms, version, role)
-        return self._scalar(f"SELECT COALESCE(SUM(rows), 0) FROM records WHERE {where}", params)
+        count = self._scalar(f"SELECT COALESCE(SUM(rows), 0) FROM records WHERE {where}", params)
+        for batch in self._batches(model, start_ms, end_ms):
+            whole = start_ms <= batch.ts_min_ms and batch.ts_max_ms < end_ms and batch.models == (model,)
+            if whole and version is None and role is None:
+                count += batch.rows  # all of it: no need to read it
+            else:
+                count += sum(r[7] for r in _requests(batch, model, start_ms, end_ms, version, role, None))
+        return count
 
     def models(self) -> list[str]:
-        return [r[0] for r in self._read("SELECT DISTINCT model FROM records ORDER BY model", [])]
+        sql = (
+            "SELECT model FROM records UNION SELECT value FROM batches, json_each(batches.models) ORDER BY 1"
+        )
+        return [r[0] for r in self._read(sql, [])]
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
         where, params = ("WHERE model = ?", [model]) if model is not None else ("", [])
         sql = f"SELECT {_RECORD} FROM records {where} ORDER BY ts_ms DESC, key DESC LIMIT ?"
         # A record holds at least one event: `limit` records are enough, and fewer usually are.
-        records = self._read(sql, [*params, limit])
+        records = self._read(sql, [*params, limit]) + self._latest_batched(model, limit)
+        records.sort(key=lambda record: (record[2], record[1]), reverse=True)
         newest: list[list[InferenceEvent]] = []
         found = 0
         for record in records:
@@ -242,10 +347,36 @@ class SqliteLogStore:
         events = [event for record in reversed(newest) for event in record]
         return events[len(events) - limit :] if limit > 0 else []
 
+    def _latest_batched(self, model: str | None, limit: int) -> list[tuple[Any, ...]]:
+        """The newest requests of the batches (of one model, or all), enough for ``limit`` events:
+        batches are read newest end first until none left can hold anything newer than those."""
+        where, params = (
+            ("WHERE EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)", [model]) if model else ("", [])
+        )
+        sql = f"SELECT {_BATCH} FROM batches {where} ORDER BY ts_max_ms DESC LIMIT ? OFFSET ?"
+        found: list[tuple[Any, ...]] = []
+        offset = 0
+        while limit > 0:
+            page = self._read(sql, [*params, BATCH_PAGE, offset])
+            for row in page:
+                found.sort(key=lambda record: (record[2], record[1]), reverse=True)
+                enough = list(itertools.accumulate(r[7] for r in found))
+                if enough and enough[-1] >= limit and found[bisect.bisect_left(enough, limit)][2] > row[5]:
+                    return found
+                batch = AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+                found += _requests(batch, model, -(2**62), 2**62, None, None, None)
+            if len(page) < BATCH_PAGE:
+                return found
+            offset += BATCH_PAGE
+        return found
+
     def prune(self, older_than_ms: int) -> int:
         with self._transaction("prune") as db:
             sql = "SELECT COALESCE(SUM(rows), 0) FROM records WHERE ts_ms < ?"
             gone = int(db.execute(sql, [older_than_ms]).fetchone()[0])
+            sql = "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE ts_max_ms < ?"
+            gone += int(db.execute(sql, [older_than_ms]).fetchone()[0])
+            db.execute("DELETE FROM batches WHERE ts_max_ms < ?", [older_than_ms])
             db.execute("DELETE FROM records WHERE ts_ms < ?", [older_than_ms])
             db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
         return gone
@@ -286,6 +417,57 @@ def _window(
             where.append(f"{column} = ?")
             params.append(value)
     return " AND ".join(where), params
+
+
+def _requests(
+    batch: AnsweredBatch,
+    model: str | None,
+    start_ms: int,
+    end_ms: int,
+    version: str | None,
+    role: str | None,
+    stats: ReadStats | None,
+) -> list[tuple[Any, ...]]:
+    """A batch's requests (as ``_RECORD`` rows) of one model (or all), in a window, of one version
+    and role; a line that is no request is skipped and counted."""
+    found = []
+    for request in batch.requests():
+        if request is None:
+            if stats is not None:
+                stats.malformed += 1
+        elif (
+            (model is None or request.model == model)
+            and start_ms <= request.ts_ms < end_ms
+            and (version is None or request.version == version)
+            and (role is None or request.role == role)
+        ):
+            found.append(("r", *request))
+    return found
+
+
+def _new_parts(db: sqlite3.Connection, batch: AnsweredBatch) -> list[AnsweredBatch]:
+    """The parts of ``batch`` that no stored batch of its source holds (the stored ones of a source
+    never overlap: at most one begins before this one and reaches into it)."""
+    first, stop = batch.first, batch.first + batch.count
+    before = db.execute(
+        "SELECT first, count FROM batches WHERE source = ? AND first <= ? ORDER BY first DESC LIMIT 1",
+        [batch.source, first],
+    ).fetchall()
+    inside = db.execute(
+        "SELECT first, count FROM batches WHERE source = ? AND first > ? AND first < ? ORDER BY first",
+        [batch.source, first, stop],
+    ).fetchall()
+    stored = [(f, f + c) for f, c in before if f + c > first] + [(f, f + c) for f, c in inside]
+    if not stored:
+        return [batch]
+    gaps, at = [], first
+    for held_from, held_to in stored:
+        if held_from > at:
+            gaps.append((at, held_from))
+        at = max(at, held_to)
+    if at < stop:
+        gaps.append((at, stop))
+    return [part for a, b in gaps if (part := batch.part(a - first, b - first)) is not None]
 
 
 def _expand(record: tuple[Any, ...], stats: ReadStats | None) -> list[InferenceEvent]:

@@ -7,9 +7,17 @@ import sqlite3
 import uuid
 
 import numpy as np
+import orjson
 import pytest
 
-from monitoring.events import Feedback, InferenceEvent, InferenceRequest, LoggedRequest
+from monitoring.events import (
+    AnsweredBatch,
+    Feedback,
+    InferenceEvent,
+    InferenceRequest,
+    LoggedRequest,
+    answered_payload,
+)
 from monitoring.logstore import ReadStats, get_log_store
 from tests.integration.conftest import store_url
 
@@ -206,6 +214,111 @@ def test_a_request_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
     ]
     # The search stores expand on write and refuse it; the embedded store reads it only when asked.
     assert (len(result.rejected), stats.malformed) == ((0, 1) if store.kind == "sqlite" else (1, 0))
+
+
+# --- hand-overs of answered requests, kept whole by the embedded store -----------------------
+
+
+def answered_batch(
+    first: int, count: int, times: list[int] | None = None, source: str = "srv", model: str = "fraud"
+) -> AnsweredBatch:
+    """A hand-over as the log writer reads it: request ``first + i`` at ``times[i]`` (default
+    T0 + first + i), of 1 + i % 2 rows, version 1 + i % 2; event ids ``source`` + hex."""
+    lines = []
+    for i in range(first, first + count):
+        rows = 1 + i % 2
+        body = orjson.dumps({"instances": [[float(i), float(row)] for row in range(rows)]})
+        ts_ms = T0 + i if times is None else times[i - first]
+        outputs = {"y": np.full((rows, 2), i, np.float32)}
+        payload = answered_payload(
+            ts_ms / 1000, 0.002, model, str(1 + i % 2), "stable", f"req-{i}", "v1", body, "x", outputs
+        )
+        lines.append(b"a" + payload + b"\n")
+    batch = AnsweredBatch.scan(source, first, b"".join(lines))
+    assert batch is not None
+    return batch
+
+
+def events_of(*batches: AnsweredBatch) -> list[InferenceEvent]:
+    events = [e for batch in batches for r in batch.requests() if r is not None for e in r.events()]
+    return sorted(events, key=lambda e: (e.ts_ms, e.event_id))
+
+
+def test_hand_overs_read_back_as_events_merged_in_time_order_with_single_requests(store):
+    """Two servers' hand-overs overlap in time; single requests lie among them. A window holds
+    exactly its events, in time order, whatever batch they came in."""
+    a = answered_batch(0, 30, times=[T0 + 2 * i for i in range(30)], source="a")
+    b = answered_batch(0, 30, times=[T0 + 1 + 2 * i for i in range(30)], source="b")
+    c = answered_batch(0, 5, source="c", model="churn")
+    result = store.write_batches([a, b, c])
+    singles = [request(i, 1) for i in (5, 40, 70)]
+    store.write_requests([r.logged() for r in singles])
+    store.refresh()
+    assert (result.written, result.duplicates, result.rejected) == (a.rows + b.rows + c.rows, 0, [])
+    everything = events_of(a, b) + [e for r in singles for e in r.events()]
+    everything.sort(key=lambda e: (e.ts_ms, e.event_id))
+    window = [e for e in everything if T0 + 7 <= e.ts_ms < T0 + 41]
+    assert list(store.query("fraud", T0 + 7, T0 + 41)) == window
+    assert store.count("fraud", T0 + 7, T0 + 41) == len(window) and store.count("fraud", T0, T0 + 99) == 93
+    assert store.count("fraud", T0, T0 + 99, version="2") == sum(e.version == "2" for e in everything)
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 99, version="2")] == [
+        e.event_id for e in everything if e.version == "2"
+    ]
+    assert store.models() == ["churn", "fraud"]
+    assert [e.event_id for e in store.latest("fraud", 4)] == [e.event_id for e in everything[-4:]]
+    assert store.latest("churn", 2) == events_of(c)[-2:]
+    store.write_feedback([Feedback("req-7", 1, "fraud")])
+    store.refresh()
+    labels = {(x.event.event_id, x.label) for x in store.labelled("fraud", T0 + 14, T0 + 16) if x.label}
+    assert labels == {("a7-1", "fraud"), ("b7-1", "fraud")}
+
+
+def test_a_hand_over_sent_again_and_cut_elsewhere_is_stored_once(store):
+    """A writer died reading a hand-over; the next one reads it again, cut in other places."""
+    whole = answered_batch(0, 12)
+    first = store.write_batches([answered_batch(0, 6)])
+    again = store.write_batches([answered_batch(0, 10), answered_batch(10, 2)])
+    overlap = store.write_batches([answered_batch(3, 9)])
+    store.refresh()
+    assert (first.written, first.duplicates) == (9, 0)
+    assert (again.written, again.duplicates) == (9, 9)
+    assert (overlap.written, overlap.duplicates) == (0, 14)
+    assert list(store.query("fraud", T0, T0 + 99)) == events_of(whole)
+    assert store.count("fraud", T0, T0 + 99) == whole.rows == 18
+
+
+def test_a_line_of_a_hand_over_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
+    good = answered_batch(0, 3)
+    broken = good.body.replace(b'{"instances":[[1.0,0.0],[1.0,1.0]]}', b'{"instances":[[1.0,0.0],[1.0')
+    assert broken != good.body
+    batch = AnsweredBatch.scan("srv", 0, broken)
+    assert batch is not None
+    result = store.write_batches([batch])
+    store.refresh()
+    stats = ReadStats()
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, stats=stats)] == ["srv0-0", "srv2-0"]
+    assert (len(result.rejected), stats.malformed) == ((0, 1) if store.kind == "sqlite" else (1, 0))
+
+
+def test_hand_overs_older_than_the_retention_are_pruned(store):
+    day = 86_400_000
+    store.write_batches([answered_batch(0, 3, times=[T0 - 3 * day] * 3), answered_batch(3, 2)])
+    store.refresh()
+    assert store.prune(T0 - day) >= 1
+    store.refresh()
+    assert list(store.query("fraud", T0 - 10 * day, T0 + 99)) == events_of(answered_batch(3, 2))
+
+
+def test_an_embedded_store_keeps_a_hand_over_of_far_apart_times_as_single_requests(tmp_path):
+    from monitoring.logstore.sqlite import MAX_SPAN_MS
+
+    store = get_log_store(f"sqlite:///{tmp_path / 'inference.db'}")
+    wide = answered_batch(0, 3, times=[T0, T0 + MAX_SPAN_MS + 1, T0 + 5])
+    assert store.write_batches([wide]).written == wide.rows
+    assert list(store.query("fraud", T0, T0 + 10)) == events_of(wide)[:2]
+    assert store.count("fraud", T0, T0 + 2 * MAX_SPAN_MS) == wide.rows
+    with sqlite3.connect(tmp_path / "inference.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM batches").fetchone() == (0,)
 
 
 def test_an_embedded_store_of_the_first_layout_keeps_its_events(tmp_path):

@@ -13,7 +13,14 @@ import orjson
 import pytest
 
 from mlops.errors import BackendUnavailable
-from monitoring.events import Feedback, InferenceRequest, LoggedRequest, MalformedEvent, answered_payload
+from monitoring.events import (
+    AnsweredBatch,
+    Feedback,
+    InferenceRequest,
+    LoggedRequest,
+    MalformedEvent,
+    answered_payload,
+)
 from monitoring.logstore import WriteResult
 from serving.logger import InferenceLogger, LogWriter, PipeReader, Spool, decode, encode, encode_request
 from serving.signature import RequestDecoder, Signature, TensorSpec
@@ -34,6 +41,9 @@ class FlakyStore:
 
     def write_requests(self, requests):
         return self.write([e for r in requests for e in r.events()])
+
+    def write_batches(self, batches):
+        return self.write_requests([r for b in batches for r in b.requests() if r is not None])
 
     def write(self, events):
         if not self.up.is_set():
@@ -131,7 +141,7 @@ def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
     with spool.files()[0].open("ab") as handle:
         handle.write(encode(record(2))[:-20])  # the crash
     replayed = []
-    spool.replay(lambda requests, feedback, events: replayed.extend(requests), chunk=100)
+    spool.replay(lambda requests, feedback, events, batches: replayed.extend(requests), chunk=100)
     assert [e.event_id for r in replayed for e in r.events()] == ["000001-0", "000001-1"]
     assert not spool.files()
 
@@ -426,12 +436,16 @@ def test_answered_requests_are_numbered_by_hand_over_and_a_resent_hand_over_keep
         if line.startswith(b"i"):
             assert orjson.loads(line[1:]) == [prefix, sum(x.startswith(b"a") for x in lines[:position])]
 
-    # The writer reads whatever the pipe holds: lines cut anywhere make the same items.
+    # The writer reads whatever the pipe holds: lines cut anywhere make the same requests (runs of
+    # answered requests come as batches, cut where the pipe was).
     data = b"".join(lines)
     for size in (1, 7, 4096, len(data)):
         pipe = PipeReader()
         fed = [item for start in range(0, len(data), size) for item in pipe.feed(data[start : start + size])]
-        assert fed == items and pipe.rest == b""
+        assert unbatched(fed) == items and pipe.rest == b""
+    assert [type(item).__name__ for item in fed] == ["AnsweredBatch", "LoggedRequest", "AnsweredBatch", "list",
+                                                     "AnsweredBatch", "list", "AnsweredBatch", "list",
+                                                     "AnsweredBatch"]  # fmt: skip
 
     # A line the writer cannot read still takes its number: the lines after it keep theirs.
     pipe = PipeReader()
@@ -441,7 +455,34 @@ def test_answered_requests_are_numbered_by_hand_over_and_a_resent_hand_over_keep
     assert pipe.read(lines[3]).event_id == f"{prefix}1"
     pipe = PipeReader()
     fed = pipe.feed(lines[0] + b"a[1]\t{}\n" + lines[3] + lines[1][:20])
-    assert [item.event_id for item in fed] == [f"{prefix}1"] and pipe.rest == lines[1][:20].rstrip(b"\n")
+    assert [r.event_id for r in unbatched(fed)] == [f"{prefix}1"] and pipe.rest == lines[1][:20].rstrip(b"\n")
+
+
+def unbatched(items: list[Any]) -> list[Any]:
+    """The items, each batch of answered requests as its requests."""
+    return [r for item in items for r in (item.requests() if isinstance(item, AnsweredBatch) else [item])]
+
+
+def test_a_hand_over_is_one_batch_found_without_a_parse_per_request(tmp_path):
+    """The writer keeps a hand-over of answered requests as it came: one record, its times, rows
+    and models found by one regular expression; a line of another layout is read on its own, and
+    the lines around it keep their ids and their batches."""
+    one = answered(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
+    two = answered(WIDE, "v1", b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
+    other = (*one[:1], "other", *one[2:])
+    lines = handed_over(tmp_path, [one, two, other, two])
+    [batch] = PipeReader().feed(b"".join(lines))
+    assert (batch.count, batch.rows, batch.models) == (4, 6, ("fraud", "other"))
+    times = [r.ts_ms for r in batch.requests()]
+    assert (batch.ts_min_ms, batch.ts_max_ms) == (min(times), max(times))
+    assert batch.body == b"".join(lines[1:]) and batch.first == 0
+    assert [r.rows for r in batch.requests()] == [1, 2, 1, 2]
+
+    old = b'a[1,1795736830.9,0.001,"m","1","stable","q","v1","x",{"y":[1]}]\t{"instances": [[1, 2, 3]]}\n'
+    fed = PipeReader().feed(lines[0] + lines[1] + lines[2] + old + b"a[1]\t{}\n" + lines[3] + lines[4])
+    assert [type(i).__name__ for i in fed] == ["AnsweredBatch", "LoggedRequest", "AnsweredBatch"]
+    assert [(i.first, i.count) for i in (fed[0], fed[2])] == [(0, 2), (4, 2)]
+    assert fed[1].event_id == f"{batch.source}2" and fed[1].events()[0].inputs == {"x": [1, 2, 3]}
 
 
 @pytest.mark.parametrize(
