@@ -12,7 +12,9 @@ GIL) from answering requests:
   are cold by then), so the request path does as few as it can; the rest is the writer's. A thread
   hands the queue over to the writer process through a pipe every ``flush_ms``, numbering the
   answered requests of each hand-over (their event ids: the same lines sent again give the same
-  ids), and reads back the writer's counters for ``/metrics``. If the queue is full, records are
+  ids; answered requests have a queue of their own, so their count is the queue's length), writes
+  the lines from where they lie (``os.writev``: no copy of them joined), and reads back the
+  writer's counters for ``/metrics``. If the queue is full, records are
   dropped and counted (``mlops_log_events_dropped_total``): the request path never waits.
 - ``LogWriter``, in its own process (``python -m serving.logger``, started and restarted by the
   logger): keeps each hand-over of answered requests as it came, one ``AnsweredBatch`` (their
@@ -518,7 +520,8 @@ class InferenceLogger:
 
     def __init__(self, command: Sequence[str], queue_events: int = 100_000, flush_ms: float = 200.0) -> None:
         self._command = list(command)
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[bytes] = collections.deque()  # answered requests' lines
+        self._others: collections.deque[bytes] = collections.deque()  # failed requests', labels'
         self._capacity = queue_events
         self._flush_s = flush_ms / 1000
         # Answered requests' event ids: this process's prefix and a count of those handed over.
@@ -565,21 +568,21 @@ class InferenceLogger:
 
     def log(self, request: InferenceRequest) -> None:
         """A request whose inputs were decoded here (a failed request, a shadow's answer)."""
-        if len(self._pending) >= self._capacity:
+        if len(self._others) >= self._capacity:
             DROPPED.inc(request.rows)
             return
-        self._pending.append(encode_request(request))
+        self._others.append(encode_request(request))
 
     def feedback(self, items: list[Feedback]) -> bool:
         """Queue labels; False when the queue is full (the caller answers 503 and the client retries)."""
-        if len(self._pending) >= self._capacity:
+        if len(self._others) >= self._capacity:
             return False
-        self._pending.append(encode(items))
+        self._others.append(encode(items))
         return True
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._others)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Hand everything to the writer, let it drain to the store or the spool, wait for it."""
@@ -600,9 +603,9 @@ class InferenceLogger:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        # A hand-over (200 ms of traffic: some 700 KB at 10,000 requests/s) in one write, so the
-        # writer wakes once for it, not once per 64 KB (the default pipe): each wake can take the
-        # core the model server was answering on. As large as Linux lets a process make it.
+        # A hand-over (200 ms of traffic: some 700 KB at 10,000 requests/s) in a few writes, so
+        # the writer wakes a few times for it, not once per 64 KB (the default pipe): each wake can
+        # take the core the model server was answering on. As large as Linux lets a process make it.
         with contextlib.suppress(OSError, AttributeError):
             assert process.stdin is not None
             fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
@@ -612,33 +615,29 @@ class InferenceLogger:
     def _forward(self) -> None:
         while True:
             stopping = self._stop.wait(self._flush_s)
-            pending = self._pending
+            pending, others = self._pending, self._others
             lines = [pending.popleft() for _ in range(len(pending))]
-            QUEUE_DEPTH.set(len(pending))
+            answered = len(lines)  # one line each, first: their ids are numbered in this order
+            lines += [others.popleft() for _ in range(len(others))]
+            QUEUE_DEPTH.set(len(pending) + len(others))
             if lines:
-                data = b"".join(lines)
-                # The answered requests' ids, numbered in the order they go (see PipeReader). Every
-                # newline ends a line, so b"\na" starts an answered request (all but the first).
-                answered = data.count(b"\na") + data.startswith(b"a")
                 first, self._numbered = self._numbered, self._numbered + answered
-                self._send(b"i%b\n" % orjson.dumps([self._id_prefix, first]), data)
+                self._send([b"i%b\n" % orjson.dumps([self._id_prefix, first]), *lines])
             if stopping:
                 return
 
-    def _send(self, ids: bytes, data: bytes) -> None:
-        """One hand-over: its id line, then its lines (written apart: no copy of them joined)."""
+    def _send(self, lines: list[bytes]) -> None:
+        """One hand-over: its id line, then its lines, from where they lie (no copy of them joined)."""
         for _ in range(2):
             try:
                 assert self._process.stdin is not None
-                self._process.stdin.write(ids)
-                self._process.stdin.write(data)
-                self._process.stdin.flush()
+                _write_all(self._process.stdin.fileno(), lines)
                 return
             except (OSError, ValueError) as exc:  # the writer died: a new one replays its spool
                 log.error("log writer (pid %s) is gone (%s); starting another", self._process.pid, exc)
                 WRITER_RESTARTS.inc()
                 self._process = self._spawn()
-        DROPPED.inc(data.count(b"\n"))
+        DROPPED.inc(len(lines) - 1)
 
     def _read_reports(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
@@ -731,6 +730,20 @@ def _leaves_idle() -> bool:
     thread.start()
     thread.join()
     return result == [True]
+
+
+IOV_MAX = 1024  # buffers per writev (Linux)
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    """Write the buffers to ``fd`` in order, a writev per ``IOV_MAX`` of them."""
+    for start in range(0, len(buffers), IOV_MAX):
+        part = buffers[start : start + IOV_MAX]
+        sent = os.writev(fd, part)
+        if sent < sum(map(len, part)):  # cut short (a signal): the rest in plain writes
+            rest = memoryview(b"".join(part))[sent:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
 
 
 def _unread(fd: int) -> int:
