@@ -593,3 +593,31 @@ def test_a_hand_over_of_more_lines_than_one_writev_takes_arrives_whole_and_in_or
     reader.join(10)
     os.close(read_end)
     assert bytes(received) == b"".join(lines)
+
+
+def test_hand_overs_spool_while_the_store_is_away_and_arrive_with_their_ids(tmp_path):
+    """A hand-over the store could not take is spooled as it came (its id line and its lines) and
+    replayed with the same event ids, by this writer or by the next one after a clean stop."""
+    one = answered(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
+    two = answered(WIDE, "v1", b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
+    lines = handed_over(tmp_path, [one, two, one], [two, one], flush_ms=50)
+    batches = [item for item in PipeReader().feed(b"".join(lines)) if isinstance(item, AnsweredBatch)]
+    assert [b.count for b in batches] == [3, 2]
+    expected = [e.event_id for r in unbatched(batches) for e in r.events()]
+    assert len(expected) == 7
+
+    store = FlakyStore()
+    store.up.clear()
+    first = LogWriter(store, tmp_path / "spool", batch_events=2, flush_ms=20, retry_s=0.05)
+    first.submit(batches[0])
+    wait_until(lambda: first.spool.events == 4)
+    first.close()
+    assert Spool(tmp_path / "spool").events == 4 and not store.events
+
+    store.up.set()
+    second = LogWriter(store, tmp_path / "spool", batch_events=2, flush_ms=20, retry_s=0.05)
+    second.submit(batches[1])
+    wait_until(lambda: len(store.events) == 7)
+    second.close()
+    assert store.order == expected  # the spooled hand-over first, then the new one
+    assert second.spool.events == 0 and not second.spool.files()
