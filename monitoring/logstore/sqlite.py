@@ -19,7 +19,6 @@ source already stored (a replayed batch adds nothing twice).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import heapq
 import itertools
@@ -348,27 +347,28 @@ class SqliteLogStore:
         return events[len(events) - limit :] if limit > 0 else []
 
     def _latest_batched(self, model: str | None, limit: int) -> list[tuple[Any, ...]]:
-        """The newest requests of the batches (of one model, or all), enough for ``limit`` events:
-        batches are read newest end first until none left can hold anything newer than those."""
-        where, params = (
-            ("WHERE EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)", [model]) if model else ("", [])
-        )
-        sql = f"SELECT {_BATCH} FROM batches {where} ORDER BY ts_max_ms DESC LIMIT ? OFFSET ?"
+        """The newest requests of the batches (of one model, or all), enough for ``limit`` events.
+        Batches come newest end first; reading stops at one that ends before the ``limit``-th
+        newest event found so far: nothing in it, or after it, can be newer."""
         found: list[tuple[Any, ...]] = []
-        offset = 0
-        while limit > 0:
+        if limit <= 0:
+            return found
+        for batch in self._batches_by_end(model):
+            if _nth_newest_ts(found, limit) > batch.ts_max_ms:
+                break
+            found += _requests(batch, model, -(2**62), 2**62, None, None, None)
+        return found
+
+    def _batches_by_end(self, model: str | None) -> Iterator[AnsweredBatch]:
+        """The batches (holding requests of ``model``, or all), newest end first."""
+        where, params = ("WHERE EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)", [model]) if model else ("", [])  # fmt: skip
+        sql = f"SELECT {_BATCH} FROM batches {where} ORDER BY ts_max_ms DESC, source, first LIMIT ? OFFSET ?"
+        for offset in itertools.count(0, BATCH_PAGE):
             page = self._read(sql, [*params, BATCH_PAGE, offset])
             for row in page:
-                found.sort(key=lambda record: (record[2], record[1]), reverse=True)
-                enough = list(itertools.accumulate(r[7] for r in found))
-                if enough and enough[-1] >= limit and found[bisect.bisect_left(enough, limit)][2] > row[5]:
-                    return found
-                batch = AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
-                found += _requests(batch, model, -(2**62), 2**62, None, None, None)
+                yield AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
             if len(page) < BATCH_PAGE:
-                return found
-            offset += BATCH_PAGE
-        return found
+                return
 
     def prune(self, older_than_ms: int) -> int:
         with self._transaction("prune") as db:
@@ -417,6 +417,16 @@ def _window(
             where.append(f"{column} = ?")
             params.append(value)
     return " AND ".join(where), params
+
+
+def _nth_newest_ts(records: list[tuple[Any, ...]], n: int) -> float:
+    """The time of the ``n``-th newest event of these ``_RECORD`` rows (-inf if they hold fewer)."""
+    held = 0
+    for record in sorted(records, key=lambda r: (r[2], r[1]), reverse=True):
+        held += record[7]
+        if held >= n:
+            return record[2]
+    return float("-inf")
 
 
 def _requests(
