@@ -196,7 +196,7 @@ class SqliteLogStore:
             written = 0
             for batch in narrow:
                 for part in _new_parts(db, batch):
-                    db.execute(_INSERT_BATCH, (*part[:6], orjson.dumps(part.models), part.body))
+                    db.execute(_INSERT_BATCH, _batch_row(part))
                     written += part.rows
         result = WriteResult(written=written, duplicates=total - written, rejected=[])
         if not wide:
@@ -289,7 +289,7 @@ class SqliteLogStore:
             params = [start_ms - MAX_SPAN_MS, end_ms, start_ms, model]
             page = self._read(sql, [*params, after[0], after[0], after[1], after[1], after[2], BATCH_PAGE])
             for row in page:
-                yield AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+                yield _stored_batch(row)
             if len(page) < BATCH_PAGE:
                 return
             after = (page[-1][4], page[-1][0], page[-1][1])
@@ -335,7 +335,7 @@ class SqliteLogStore:
         sql = f"SELECT {_RECORD} FROM records {where} ORDER BY ts_ms DESC, key DESC LIMIT ?"
         # A record holds at least one event: `limit` records are enough, and fewer usually are.
         records = self._read(sql, [*params, limit]) + self._latest_batched(model, limit)
-        records.sort(key=lambda record: (record[2], record[1]), reverse=True)
+        records.sort(key=_time_order, reverse=True)
         newest: list[list[InferenceEvent]] = []
         found = 0
         for record in records:
@@ -366,7 +366,7 @@ class SqliteLogStore:
         for offset in itertools.count(0, BATCH_PAGE):
             page = self._read(sql, [*params, BATCH_PAGE, offset])
             for row in page:
-                yield AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+                yield _stored_batch(row)
             if len(page) < BATCH_PAGE:
                 return
 
@@ -419,10 +419,25 @@ def _window(
     return " AND ".join(where), params
 
 
+def _batch_row(batch: AnsweredBatch) -> tuple[Any, ...]:
+    """A batch as its ``_BATCH`` columns (its models as a JSON list)."""
+    return (*batch[:6], orjson.dumps(batch.models), batch.body)
+
+
+def _stored_batch(row: tuple[Any, ...]) -> AnsweredBatch:
+    """The batch of a row of ``_BATCH`` columns."""
+    return AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+
+
+def _time_order(record: tuple[Any, ...]) -> tuple[int, str]:
+    """The read order of a ``_RECORD`` row: (ts_ms, key)."""
+    return record[2], record[1]
+
+
 def _nth_newest_ts(records: list[tuple[Any, ...]], n: int) -> float:
     """The time of the ``n``-th newest event of these ``_RECORD`` rows (-inf if they hold fewer)."""
     held = 0
-    for record in sorted(records, key=lambda r: (r[2], r[1]), reverse=True):
+    for record in sorted(records, key=_time_order, reverse=True):
         held += record[7]
         if held >= n:
             return record[2]
