@@ -49,6 +49,10 @@ BATCH_PAGE = 8  # batches (hand-overs: some 2,000 requests each at 10,000 reques
 # A batch whose requests' times lie further apart is kept as single requests: window reads look
 # back this far for a batch that began before the window.
 MAX_SPAN_MS = 600_000
+# A new file's pages: a hand-over is one record of some 200 KB to 2 MB, written a page at a time
+# to the log and again at each checkpoint; 16 KB pages took the writer's CPU for a hand-over of
+# 1.6 KB requests from 2.2 to 1.5 µs a request (4 KB, SQLite's default: files made so keep them).
+_PAGE_BYTES = 16384
 _SCHEMA_VERSION = 3  # PRAGMA user_version; 1 kept one row per event in a table "events", 2 no batches
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -119,6 +123,7 @@ class SqliteLogStore:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None)
+            db.execute(f"PRAGMA page_size = {_PAGE_BYTES}")  # takes effect on a new file only
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
