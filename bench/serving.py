@@ -8,13 +8,17 @@ measured in the same run:
 - ``ours``: ``python -m serving`` with a stable and a canary version (10 % split), validation
   against the signature, metrics, dynamic batching and the inference log (embedded store) on;
 - ``ours-nolog``: the same with the inference log off, to show what logging costs;
+- ``ours-base`` (with ``--baseline REV``): ``ours`` as it was at git revision REV (its source
+  exported to the work folder, run with this environment), so a change is measured against what it
+  changed in the same run, cells taking turns, instead of against a figure of another day;
 
 for a small MLP (16 features) and a compute-heavy wide MLP, at concurrency 1, 16 and 64, driven by
 wrk (a C load generator: a Python client would be the bottleneck on a 2-core machine). Also the
 raw in-process ONNX Runtime call, for scale.
 
     .venv/bin/python -m bench.serving [--duration 8] [--models small,wide] [--json results.json]
-        [--servers ours,ours-nolog] [--server-cpus 0-1 --load-cpus 4-11 --wrk-threads 4] [--work DIR]
+        [--servers ours,ours-nolog] [--baseline REV] [--server-cpus 0-1 --load-cpus 4-11 --wrk-threads 4]
+        [--work DIR]
 
 On a machine with more cores, ``--server-cpus`` pins every server process (and the logger's writer
 process, which inherits the affinity) to a few CPUs, the size of the box it is meant for, and
@@ -45,7 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 16, 64)
-SERVERS = ("plain", "floor", "ours", "ours-nolog")
+SERVERS = ("plain", "floor", "ours", "ours-nolog", "ours-base")
 MODELS = {
     # name: (features, hidden, layers)
     "small": (16, 32, 1),
@@ -118,10 +122,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(
-    argv: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
+    argv: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """A server, ready; stopped on leaving. ``cwd`` is where ``python -m`` finds its packages."""
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -265,6 +270,7 @@ def bench_model(
     servers_wanted: tuple[str, ...] = SERVERS,
     load: Load = Load(),
     rounds: int = 1,
+    baseline: Path | None = None,
 ) -> tuple[list[Measure], dict]:
     from serving.examples import save_mlp
 
@@ -284,6 +290,7 @@ def bench_model(
         f"http://127.0.0.1:{port}",
         "/v2/health/ready",
         None,
+        ROOT,
     )
     port = free_port()
     servers["floor"] = (
@@ -291,11 +298,17 @@ def bench_model(
         f"http://127.0.0.1:{port}",
         "/health",
         None,
+        ROOT,
     )
-    for server, logging_on in (("ours", True), ("ours-nolog", False)):
+    ours = [("ours", True, ROOT), ("ours-nolog", False, ROOT)] + (
+        [("ours-base", True, baseline)] if baseline else []
+    )
+    for server, logging_on, source in ours:
         port = free_port()
         env = ours_env(work, f"{name}-{server}", port, logging_on)
-        servers[server] = ([python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env)
+        servers[server] = (
+            [python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env, source
+        )  # fmt: skip
 
     measures = []
     wanted = [server for server in servers if server in servers_wanted]
@@ -305,9 +318,10 @@ def bench_model(
         # each round starts with the next server, so none is always measured after another.
         pids, targets = {}, {}
         for server in wanted:
-            argv, url, ready, server_env = servers[server]
+            argv, url, ready, server_env, source = servers[server]
             log = work / f"{name}-{server}.log"
-            pids[server] = running.enter_context(process(load.server(argv), url + ready, log, server_env)).pid
+            started = process(load.server(argv), url + ready, log, server_env, source)
+            pids[server] = running.enter_context(started).pid
             if server.startswith("ours"):
                 deploy(url, stable, canary)
             targets[server] = f"{url}/v1/models/bench:predict"
@@ -379,7 +393,7 @@ def medians(measures: list[Measure]) -> list[Measure]:
     ]
 
 
-def report(measures: list[Measure], raw: dict[str, dict]) -> str:
+def report(measures: list[Measure], raw: dict[str, dict], baseline: str | None = None) -> str:
     rounds: dict[tuple[str, str, int], list[float]] = {}  # each round's req/s, in round order
     for m in measures:
         rounds.setdefault((m.model, m.server, m.concurrency), []).append(m.rps)
@@ -410,6 +424,18 @@ def report(measures: list[Measure], raw: dict[str, dict]) -> str:
             f"{spread(rounds[(model, 'ours', c)], rounds[(model, 'ours-nolog', c)])}"
             f" (p50 {on.p50_ms / off.p50_ms:.2f}x, p99 {on.p99_ms / off.p99_ms:.2f}x of ours-nolog)",
         )  # fmt: skip
+        lines += compare(
+            by, "ours-base", "ours-nolog",
+            lambda c, on, off, model=model: f"\nat {baseline}, logging cost {100 * (1 - on.rps / off.rps):.1f} % at c={c}"
+            f"{spread(rounds[(model, 'ours-base', c)], rounds[(model, 'ours-nolog', c)])}",
+        )  # fmt: skip
+        lines += compare(
+            by, "ours", "ours-base",
+            lambda c, new, old, model=model: f"\nours serves {100 * (new.rps / old.rps - 1):+.1f} % of the requests"
+            f" of ours at {baseline} at c={c}{spread(rounds[(model, 'ours-base', c)], rounds[(model, 'ours', c)])}"
+            f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
+            f" (+{old.cpu_us_children:.0f}))",
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -426,12 +452,21 @@ def main() -> int:
     )
     add_load_options(parser)
     parser.add_argument(
-        "--servers", default=",".join(SERVERS), help=f"comma-separated, of {','.join(SERVERS)}"
+        "--servers", default=",".join(SERVERS[:4]), help=f"comma-separated, of {','.join(SERVERS)}"
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run ours as it was at this git revision (server ours-base), cells taking turns",
     )
     args = parser.parse_args()
     servers = tuple(args.servers.split(","))
+    if args.baseline and "ours-base" not in servers:
+        servers += ("ours-base",)
     if unknown := set(servers) - set(SERVERS) or set(args.models.split(",")) - set(MODELS):
         parser.error(f"unknown server or model: {', '.join(sorted(unknown))}")
+    if "ours-base" in servers and not args.baseline:
+        parser.error("--servers ours-base needs --baseline REV")
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if (missing := missing_tools(args)) is not None:
         progress(missing)
@@ -439,10 +474,13 @@ def main() -> int:
     load = load_from(args, progress)
     measures, raw = [], {}
     with work_dir(args.work) as work:
+        baseline = export_revision(args.baseline, work, parser.error) if args.baseline else None
         for name in args.models.split(","):
-            found, raw[name] = bench_model(name, args.duration, work, progress, servers, load, args.rounds)
+            found, raw[name] = bench_model(
+                name, args.duration, work, progress, servers, load, args.rounds, baseline
+            )  # fmt: skip
             measures += found
-    print(report(measures, raw))
+    print(report(measures, raw, args.baseline))
     if args.json:
         args.json.write_text(json.dumps({"measures": [asdict(m) for m in measures], "raw": raw}, indent=2))
     return 0
@@ -469,6 +507,23 @@ def load_from(args: argparse.Namespace, progress) -> Load:
     if load.server_cpus or load.load_cpus:
         progress(f"bench: servers on CPUs {load.server_cpus or 'any'}, wrk on CPUs {load.load_cpus or 'any'}")
     return load
+
+
+def export_revision(rev: str, work: Path, error: Callable[[str], object]) -> Path:
+    """This repository's tree at ``rev``, exported under ``work`` (git archive: no checkout touched)."""
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if found.returncode != 0:
+        error(f"--baseline: {rev!r} is not a git revision of {ROOT}")
+    commit = found.stdout.strip()
+    tree = work / f"source-{commit[:12]}"
+    if not (tree / "serving").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
 
 
 @contextlib.contextmanager
