@@ -169,13 +169,14 @@ class Front:
                 }
             if shadow is not None:
                 self._mirror(shadow, inputs, request_id)
+            response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+            ended = time.perf_counter()  # one clock read for the log and the latency metric
             if self.logger is not None and protocol != "explain":
                 # The body as it came (no second encoding of the inputs), the outputs, what answered.
                 self.logger.answered(
-                    started, model.name, answered.version, role, request_id, protocol, raw,
+                    started, ended, model.name, answered.version, role, request_id, protocol, raw,
                     decoder.row_input, outputs,
                 )  # fmt: skip
-            response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
         except Exception as exc:
             code = status_for(exc)
             if code == 500:
@@ -191,7 +192,7 @@ class Front:
             )
             return
         metrics.requests(name, answered.version, role, protocol, "200").inc()
-        metrics.latency(name, answered.version, role).observe(time.perf_counter() - started)
+        metrics.latency(name, answered.version, role).observe(ended - started)
         await _send(send, 200, response, request_id, answered.version, role)
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -515,6 +515,9 @@ class InferenceLogger:
         # Answered requests' event ids: this process's prefix and a count of those handed over.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._numbered = 0
+        # Wall-clock time less perf_counter's, set again at every hand-over: an answered request's
+        # time is its perf_counter plus this, one clock read on the request path instead of two.
+        self._wall_offset = time.time() - time.perf_counter()
         self._reported = {"written": 0, "spooled": 0, "rejected": 0}
         self._stop = threading.Event()
         self._process = self._spawn()
@@ -526,6 +529,7 @@ class InferenceLogger:
     def answered(
         self,
         started: float,
+        ended: float,
         model: str,
         version: str,
         role: str,
@@ -535,7 +539,8 @@ class InferenceLogger:
         row_input: str | None,
         outputs: Mapping[str, Any],
     ) -> None:
-        """An answered request, now: ``started`` its ``time.perf_counter()`` on arrival, ``body``
+        """An answered request: ``started`` and ``ended`` its ``time.perf_counter()`` on arrival and
+        once answered (the server's latency metric reads the same clock once for both), ``body``
         the request body as it came (``protocol`` v1 or v2; ``row_input`` the input V1 rows of
         plain values belong to), ``outputs`` one array per output, a row each."""
         pending = self._pending
@@ -547,7 +552,7 @@ class InferenceLogger:
             body = body.replace(b"\n", b" ")
         # answered_payload, inline (each call costs on the request path): the same bytes.
         head = orjson.dumps(
-            (SCHEMA_VERSION, time.time(), time.perf_counter() - started, rows, model, version, role,
+            (SCHEMA_VERSION, ended + self._wall_offset, ended - started, rows, model, version, role,
              request_id, protocol, row_input, outputs),
             default=plain,
             option=orjson.OPT_SERIALIZE_NUMPY,
@@ -603,6 +608,7 @@ class InferenceLogger:
     def _forward(self) -> None:
         while True:
             stopping = self._stop.wait(self._flush_s)
+            self._wall_offset = time.time() - time.perf_counter()  # a wall clock set meanwhile
             pending, others = self._pending, self._others
             lines = [pending.popleft() for _ in range(len(pending))]
             answered = len(lines)  # one line each, first: their ids are numbered in this order

@@ -184,7 +184,8 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
     body = b'{"instances": [{"amount": 3, "country": "FR"}]}'
     outputs = {"label": np.asarray(["legit"], dtype=object), "probabilities": np.full((1, 2), 0.5)}
     began = time.time()
-    logger.answered(time.perf_counter() - 0.002, "fraud", "1", "stable", "req-a", "v1", body, None, outputs)
+    now = time.perf_counter()
+    logger.answered(now - 0.002, now, "fraud", "1", "stable", "req-a", "v1", body, None, outputs)
     logger.feedback([Feedback("req-1", 0, "fraud")])
     logger.close()
     store = get_log_store(url)
@@ -308,8 +309,10 @@ def answered(signature: Signature, protocol: str, body: bytes) -> tuple[Any, ...
     inputs = decoder.v2(orjson.loads(body)) if protocol == "v2" else decoder.v1(orjson.loads(body))
     rows = len(next(iter(inputs.values())))
     outputs = {"label": np.asarray(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5)}
+    now = time.perf_counter()
     return (
-        time.perf_counter() - 0.0004,
+        now - 0.0004,
+        now,
         "fraud",
         "4",
         "stable",
@@ -395,7 +398,9 @@ def test_the_request_path_writes_the_payload_answered_payload_defines(tmp_path):
     args = answered(FRAUD, "v1", b'{"instances": [\n{"amount": 1.5, "country": "DE"}]}')
     [_, line] = handed_over(tmp_path, [args])
     _, ts_s, latency_s, *_ = orjson.loads(line[1 : line.index(b"\t")])
-    started, model, version, role, request_id, protocol, body, row_input, outputs = args
+    started, ended, model, version, role, request_id, protocol, body, row_input, outputs = args
+    # Its time is the wall clock's at ``ended`` (one perf_counter read on the request path).
+    assert latency_s == pytest.approx(ended - started) and abs(ts_s - time.time()) < 5
     expected = answered_payload(
         ts_s,
         latency_s,
@@ -470,7 +475,7 @@ def test_a_hand_over_is_one_batch_found_without_a_parse_per_request(tmp_path):
     the lines around it keep their ids and their batches."""
     one = answered(WIDE, "v1", b'{"instances": [[1, 2, 3]]}')
     two = answered(WIDE, "v1", b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
-    other = (*one[:1], "other", *one[2:])
+    other = (*one[:2], "other", *one[3:])
     lines = handed_over(tmp_path, [one, two, other, two])
     [batch] = PipeReader().feed(b"".join(lines))
     assert (batch.count, batch.rows, batch.models) == (4, 6, ("fraud", "other"))
