@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -386,6 +386,20 @@ class AnsweredBatch(NamedTuple):
         """Its requests ``start`` to ``stop`` (indices), as a batch of their own."""
         lines = self.body.split(b"\n")[start:stop]
         return AnsweredBatch.scan(self.source, self.first + start, b"".join(line + b"\n" for line in lines))
+
+
+def batch_requests(batches: Iterable[AnsweredBatch]) -> tuple[list[LoggedRequest], list[str]]:
+    """The requests of batches, and "<event id>: why" for each line of them that is not one (a
+    store that writes them as requests refuses those, counted, instead of losing them unsaid)."""
+    requests: list[LoggedRequest] = []
+    unreadable: list[str] = []
+    for batch in batches:
+        for index, request in enumerate(batch.requests()):
+            if request is None:
+                unreadable.append(f"{batch.event_id(index)}: not an answered request")
+            else:
+                requests.append(request)
+    return requests, unreadable
 
 
 def _column(values: Any) -> list[Any]:

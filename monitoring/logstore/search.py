@@ -26,7 +26,15 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from mlops.errors import BackendUnavailable, ConfigError
-from monitoring.events import AnsweredBatch, Feedback, InferenceEvent, Labelled, LoggedRequest, MalformedEvent
+from monitoring.events import (
+    AnsweredBatch,
+    Feedback,
+    InferenceEvent,
+    Labelled,
+    LoggedRequest,
+    MalformedEvent,
+    batch_requests,
+)
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 log = logging.getLogger(__name__)
@@ -391,14 +399,7 @@ class SearchLogStore:
         return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
 
     def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
-        requests: list[LoggedRequest] = []
-        unreadable: list[str] = []
-        for batch in batches:
-            for index, request in enumerate(batch.requests()):
-                if request is None:
-                    unreadable.append(f"{batch.event_id(index)}: not an answered request")
-                else:
-                    requests.append(request)
+        requests, unreadable = batch_requests(batches)
         result = self.write_requests(requests)
         return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
 

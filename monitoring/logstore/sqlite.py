@@ -41,6 +41,7 @@ from monitoring.events import (
     Labelled,
     LoggedRequest,
     MalformedEvent,
+    batch_requests,
 )
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
@@ -190,12 +191,8 @@ class SqliteLogStore:
         again after the writer died reading it, cut in other places) is kept as it was: only the
         part of a batch that no stored batch of its source holds is written. A batch whose times
         lie further apart than ``MAX_SPAN_MS`` is written as single requests."""
-        narrow, wide = [], []
-        for batch in batches:
-            if batch.ts_max_ms - batch.ts_min_ms <= MAX_SPAN_MS:
-                narrow.append(batch)
-            else:
-                wide += [request for request in batch.requests() if request is not None]
+        narrow = [b for b in batches if b.ts_max_ms - b.ts_min_ms <= MAX_SPAN_MS]
+        wide, unreadable = batch_requests(b for b in batches if b.ts_max_ms - b.ts_min_ms > MAX_SPAN_MS)
         total = sum(b.rows for b in narrow)
         with self._transaction("write") as db:
             written = 0
@@ -203,11 +200,15 @@ class SqliteLogStore:
                 for part in _new_parts(db, batch):
                     db.execute(_INSERT_BATCH, _batch_row(part))
                     written += part.rows
-        result = WriteResult(written=written, duplicates=total - written, rejected=[])
+        result = WriteResult(written=written, duplicates=total - written, rejected=unreadable)
         if not wide:
             return result
         single = self.write_requests(wide)
-        return WriteResult(result.written + single.written, result.duplicates + single.duplicates, [])
+        return WriteResult(
+            result.written + single.written,
+            result.duplicates + single.duplicates,
+            unreadable + single.rejected,
+        )
 
     def write_feedback(self, feedback: Sequence[Feedback]) -> int:
         rows = [(f.request_id, f.row, orjson.dumps(f.label), f.ts_ms) for f in feedback]

@@ -321,6 +321,23 @@ def test_an_embedded_store_keeps_a_hand_over_of_far_apart_times_as_single_reques
         assert db.execute("SELECT COUNT(*) FROM batches").fetchone() == (0,)
 
 
+def test_an_unreadable_line_of_a_hand_over_kept_as_single_requests_is_refused_and_counted(tmp_path):
+    """Kept as single requests, a hand-over cannot keep a line that is not a request in its body to
+    be counted when read: the store refuses that line, by its event id, and writes the others."""
+    from monitoring.logstore.sqlite import MAX_SPAN_MS
+
+    store = get_log_store(f"sqlite:///{tmp_path / 'inference.db'}")
+    good = answered_batch(0, 3, times=[T0, T0 + MAX_SPAN_MS + 1, T0 + 5])
+    lines = good.body.split(b"\n")
+    lines[1] = lines[1].replace(b'"stable"', b"stable", 1)  # its head still matches up to the model
+    broken = AnsweredBatch.scan("srv", 0, b"\n".join(lines))
+    assert broken is not None and broken.ts_max_ms - broken.ts_min_ms > MAX_SPAN_MS
+    result = store.write_batches([broken])
+    assert result.rejected == ["srv1: not an answered request"]
+    assert result.written == good.rows - 2  # request 1 has two rows
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 2 * MAX_SPAN_MS)] == ["srv0-0", "srv2-0"]
+
+
 def test_an_embedded_store_of_the_first_layout_keeps_its_events(tmp_path):
     """A file written by the first layout (a row per event, table ``events``) opens with its events."""
     import orjson
