@@ -7,16 +7,23 @@ AIRFLOW := .venv-airflow
 
 .PHONY: setup demo test lint unit integration orchestration lock down clean
 
-setup: $(RUNTIME)/.installed $(AIRFLOW)/.installed
+setup: $(RUNTIME)/.project $(AIRFLOW)/.installed
 
-# Runtime environment: requirements.txt resolved against the lock, plus this project (editable).
-$(RUNTIME)/.installed: requirements.txt constraints.txt pyproject.toml
+# Runtime environment: requirements.txt resolved against the lock ...
+$(RUNTIME)/.installed: requirements.txt constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)" >&2; exit 2; }
 	@echo "==> runtime environment ($(RUNTIME)): requirements.txt"
 	$(PYTHON) -m venv $(RUNTIME)
 	$(RUNTIME)/bin/python -m pip install --quiet --upgrade "pip==26.0.1"
 	$(RUNTIME)/bin/python -m pip install --progress-bar on -r requirements.txt -c constraints.txt
+	@touch $@
+
+# ... plus this project (editable), with its one C file: the request path's log line.
+$(RUNTIME)/.project: $(RUNTIME)/.installed pyproject.toml setup.py serving/_lines.c
+	@echo "==> this project into $(RUNTIME) (editable; builds serving/_lines.c)"
 	$(RUNTIME)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(RUNTIME)/bin/python -c "import serving._lines" 2>/dev/null || echo "make: serving/_lines.c was \
+	not built (no C compiler or Python headers?): the model server makes its log lines in Python" >&2
 	@touch $@
 
 # Orchestration environment: Airflow and its providers only; it never holds the ML runtime.
@@ -38,7 +45,7 @@ test: setup lint
 	$(RUNTIME)/bin/python -m pytest tests --ignore=tests/orchestration
 	$(AIRFLOW)/bin/python -m pytest tests/orchestration
 
-lint: $(RUNTIME)/.installed
+lint: $(RUNTIME)/.project
 	$(RUNTIME)/bin/ruff check .
 	$(RUNTIME)/bin/ruff format --check .
 	$(RUNTIME)/bin/lint-imports
@@ -59,4 +66,4 @@ lock:
 
 clean: 
 	-$(RUNTIME)/bin/mlops stack down
-	rm -rf $(RUNTIME) $(AIRFLOW) .state
+	rm -rf $(RUNTIME) $(AIRFLOW) .state build serving/*.so

@@ -11,13 +11,15 @@ measured in the same run:
 - ``ours-base`` (with ``--baseline REV``): ``ours`` as it was at git revision REV (its source
   exported to the work folder, run with this environment), so a change is measured against what it
   changed in the same run, cells taking turns, instead of against a figure of another day;
+- a ``--variant NAME:ENV=VALUE``: ``ours`` with one more environment variable set (a setting, or
+  a switch such as ``MLOPS_LOGS__LINES=python``), measured the same way;
 
 for a small MLP (16 features) and a compute-heavy wide MLP, at concurrency 1, 16 and 64, driven by
 wrk (a C load generator: a Python client would be the bottleneck on a 2-core machine). Also the
 raw in-process ONNX Runtime call, for scale.
 
     .venv/bin/python -m bench.serving [--duration 8] [--models small,wide] [--json results.json]
-        [--servers ours,ours-nolog] [--baseline REV] [--server-cpus 0-1 --load-cpus 4-11 --wrk-threads 4]
+        [--servers ours,ours-nolog] [--baseline REV] [--variant NAME:ENV=VALUE] [--server-cpus 0-1 --load-cpus 4-11 --wrk-threads 4]
         [--work DIR]
 
 On a machine with more cores, ``--server-cpus`` pins every server process (and the logger's writer
@@ -271,6 +273,7 @@ def bench_model(
     load: Load = Load(),
     rounds: int = 1,
     baseline: Path | None = None,
+    variants: dict[str, dict[str, str]] | None = None,
 ) -> tuple[list[Measure], dict]:
     from serving.examples import save_mlp
 
@@ -303,15 +306,16 @@ def bench_model(
     ours = [("ours", True, ROOT), ("ours-nolog", False, ROOT)] + (
         [("ours-base", True, baseline)] if baseline else []
     )
+    ours += [(variant, True, ROOT) for variant in variants or {}]
     for server, logging_on, source in ours:
         port = free_port()
-        env = ours_env(work, f"{name}-{server}", port, logging_on)
+        env = {**ours_env(work, f"{name}-{server}", port, logging_on), **(variants or {}).get(server, {})}
         servers[server] = (
             [python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env, source
         )  # fmt: skip
 
     measures = []
-    wanted = [server for server in servers if server in servers_wanted]
+    wanted = [server for server in servers if server in servers_wanted or server in (variants or {})]
     with contextlib.ExitStack() as running:
         # Every server up at once (an idle one costs nothing), then one cell at a time, taking
         # turns: ours c=1, ours-nolog c=1, ..., so a slow spell of the machine hits both sides;
@@ -322,7 +326,7 @@ def bench_model(
             log = work / f"{name}-{server}.log"
             started = process(load.server(argv), url + ready, log, server_env, source)
             pids[server] = running.enter_context(started).pid
-            if server.startswith("ours"):
+            if server.startswith("ours") or server in (variants or {}):
                 deploy(url, stable, canary)
             targets[server] = f"{url}/v1/models/bench:predict"
             check = httpx.post(
@@ -393,7 +397,9 @@ def medians(measures: list[Measure]) -> list[Measure]:
     ]
 
 
-def report(measures: list[Measure], raw: dict[str, dict], baseline: str | None = None) -> str:
+def report(
+    measures: list[Measure], raw: dict[str, dict], baseline: str | None = None, variants: Sequence[str] = ()
+) -> str:
     rounds: dict[tuple[str, str, int], list[float]] = {}  # each round's req/s, in round order
     for m in measures:
         rounds.setdefault((m.model, m.server, m.concurrency), []).append(m.rps)
@@ -436,6 +442,19 @@ def report(measures: list[Measure], raw: dict[str, dict], baseline: str | None =
             f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
             f" (+{old.cpu_us_children:.0f}))",
         )  # fmt: skip
+        for variant in variants:
+            lines += compare(
+                by, variant, "ours-nolog",
+                lambda c, on, off, model=model, v=variant: f"\n{v}: logging costs {100 * (1 - on.rps / off.rps):.1f} %"
+                f" at c={c}{spread(rounds[(model, v, c)], rounds[(model, 'ours-nolog', c)])}",
+            )  # fmt: skip
+            lines += compare(
+                by, "ours", variant,
+                lambda c, new, old, model=model, v=variant: f"\nours serves {100 * (new.rps / old.rps - 1):+.1f} % of"
+                f" the requests of {v} at c={c}{spread(rounds[(model, v, c)], rounds[(model, 'ours', c)])}"
+                f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
+                f" (+{old.cpu_us_children:.0f}))",
+            )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -461,7 +480,15 @@ def main() -> int:
         metavar="REV",
         help="also run ours as it was at this git revision (server ours-base), cells taking turns",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:ENV=VALUE",
+        help="also run ours with this environment variable set, as server NAME (repeatable)",
+    )
     args = parser.parse_args()
+    variants = variants_from(args.variant, parser.error)
     servers = tuple(args.servers.split(","))
     if args.baseline and "ours-base" not in servers:
         servers += ("ours-base",)
@@ -479,13 +506,26 @@ def main() -> int:
         baseline = export_revision(args.baseline, work, parser.error) if args.baseline else None
         for name in args.models.split(","):
             found, raw[name] = bench_model(
-                name, args.duration, work, progress, servers, load, args.rounds, baseline
+                name, args.duration, work, progress, servers, load, args.rounds, baseline, variants
             )  # fmt: skip
             measures += found
-    print(report(measures, raw, args.baseline))
+    print(report(measures, raw, args.baseline, tuple(variants)))
     if args.json:
         args.json.write_text(json.dumps({"measures": [asdict(m) for m in measures], "raw": raw}, indent=2))
     return 0
+
+
+def variants_from(specs: Sequence[str], error: Callable[[str], object]) -> dict[str, dict[str, str]]:
+    """``--variant NAME:ENV=VALUE`` options: NAME's environment on top of ours' (repeat a NAME to
+    set several variables)."""
+    variants: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, assignment = spec.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not name or not key or not eq or name in SERVERS:
+            error(f"--variant {spec!r}: expected NAME:ENV=VALUE, NAME not one of {', '.join(SERVERS)}")
+        variants.setdefault(name, {})[key] = value
+    return variants
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> None:

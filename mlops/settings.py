@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
@@ -109,6 +109,9 @@ class LogsSettings(_Section):
     )
     batch_events: int = Field(500, ge=1, description="events per store write")
     flush_ms: float = Field(200.0, gt=0, description="longest an event waits in memory before a write")
+    lines: Literal["c", "python"] = Field(
+        "c", description="the request path makes its log line in C (serving/_lines.c) or in Python"
+    )
 
 
 class KServeSettings(_Section):

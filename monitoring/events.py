@@ -412,11 +412,13 @@ def _column(values: Any) -> list[Any]:
 
 def plain(value: Any) -> Any:
     """orjson's ``default`` for what it does not serialize itself: arrays of strings (object
-    dtype), and bytes."""
+    dtype), bytes, and mappings other than dicts."""
     if isinstance(value, np.ndarray):
         return [v.decode() if isinstance(v, bytes) else v for v in value.tolist()]
     if isinstance(value, bytes):
         return value.decode()
+    if isinstance(value, Mapping):
+        return dict(value)
     raise TypeError(f"cannot log a {type(value).__name__}")
 
 

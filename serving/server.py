@@ -132,7 +132,10 @@ def inference_logger(settings: Settings) -> Any:
     get_log_store(settings.log_store_url, **settings.log_store_options()).close()  # a bad URL fails here, now
     logging.getLogger("serving").info("inference log: %s", settings.log_store_url)
     return InferenceLogger(
-        [sys.executable, "-m", "serving.logger"], settings.logs.queue_events, settings.logs.flush_ms
+        [sys.executable, "-m", "serving.logger"],
+        settings.logs.queue_events,
+        settings.logs.flush_ms,
+        native=settings.logs.lines == "c",
     )
 
 

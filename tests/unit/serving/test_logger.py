@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,12 @@ def test_records_cross_the_pipe_unchanged():
     assert decode(encode(labels)) == labels
 
 
-def test_a_full_queue_drops_and_counts_instead_of_blocking():
+@pytest.mark.parametrize("native", [True, False], ids=["line-in-c", "line-in-python"])
+def test_a_full_queue_drops_and_counts_instead_of_blocking(native):
     from serving.logger import DROPPED
 
     # A writer that never reads, and a hand-over that waits a minute: the queue fills at 100.
-    logger = InferenceLogger(["sleep", "60"], queue_events=100, flush_ms=60_000)
+    logger = InferenceLogger(["sleep", "60"], queue_events=100, flush_ms=60_000, native=native)
     before = DROPPED._value.get()
     began = time.perf_counter()
     for i in range(150):
@@ -167,6 +169,14 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking():
     assert time.perf_counter() - began < 0.5
     assert DROPPED._value.get() - before == 2 * 50
     assert logger.depth == 100
+    # Answered requests have a queue of their own, as long: its 101st and later are dropped too.
+    args = answered(
+        FRAUD, "v1", b'{"instances": [{"amount": 1, "country": "DE"}, {"amount": 2, "country": "FR"}]}'
+    )
+    for _ in range(130):
+        logger.answered(*args)
+    assert DROPPED._value.get() - before == 2 * 50 + 2 * 30  # their rows, two a request
+    assert logger.depth == 200
     logger.close(timeout_s=2)
 
 
@@ -285,12 +295,15 @@ FRAUD = Signature(
 WIDE = Signature((TensorSpec("x", "FP32", (-1, 3)),), (TensorSpec("y", "INT64", (-1,)),), "onnx")
 
 
-def handed_over(tmp_path: Path, *groups: list[Any], flush_ms: float = 600_000) -> list[bytes]:
+def handed_over(
+    tmp_path: Path, *groups: list[Any], flush_ms: float = 600_000, native: bool = True
+) -> list[bytes]:
     """The lines InferenceLogger hands its writer for these groups of ``answered`` calls, the
-    groups a flush interval apart (to a process that keeps the lines in a file)."""
+    groups a flush interval apart (to a process that keeps the lines in a file); ``native``: the
+    line made in C (serving/_lines.c), else in Python."""
     out = tmp_path / f"pipe-{time.monotonic_ns()}"
     keep = "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, open(sys.argv[1], 'wb'))"
-    logger = InferenceLogger([sys.executable, "-c", keep, str(out)], flush_ms=flush_ms)
+    logger = InferenceLogger([sys.executable, "-c", keep, str(out)], flush_ms=flush_ms, native=native)
     for number, group in enumerate(groups):
         if number:
             time.sleep(3 * flush_ms / 1000)
@@ -324,9 +337,11 @@ def answered(signature: Signature, protocol: str, body: bytes) -> tuple[Any, ...
     )
 
 
-def stored_answer(tmp_path: Path, signature: Signature, protocol: str, body: bytes) -> LoggedRequest:
+def stored_answer(
+    tmp_path: Path, signature: Signature, protocol: str, body: bytes, native: bool = True
+) -> LoggedRequest:
     """What the writer process makes of an answered request: the request the store keeps."""
-    lines = handed_over(tmp_path, [answered(signature, protocol, body)])
+    lines = handed_over(tmp_path, [answered(signature, protocol, body)], native=native)
     assert len(lines) == 2  # the event ids, then the request: a newline in the body is whitespace
     pipe = PipeReader()
     assert pipe.read(lines[0]) is None
@@ -375,11 +390,12 @@ def stored_answer(tmp_path: Path, signature: Signature, protocol: str, body: byt
         ),
     ],
 )
+@pytest.mark.parametrize("native", [True, False], ids=["line-in-c", "line-in-python"])
 def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(
-    tmp_path, signature, protocol, body, inputs
+    tmp_path, signature, protocol, body, inputs, native
 ):
     began = time.time()
-    logged = stored_answer(tmp_path, signature, protocol, body)
+    logged = stored_answer(tmp_path, signature, protocol, body, native)
     assert (logged.model, logged.version, logged.role, logged.request_id, logged.rows) == (
         "fraud", "4", "stable", "req-3", 2,
     )  # fmt: skip
@@ -392,11 +408,13 @@ def test_an_answered_request_is_logged_as_its_body_and_read_as_columns(
     assert decode(encode(logged)) == logged  # the spool keeps the same line
 
 
-def test_the_request_path_writes_the_payload_answered_payload_defines(tmp_path):
-    """InferenceLogger.answered makes the payload inline (a call costs on the request path): the
-    same bytes as monitoring.events.answered_payload, which the benchmark and the readers go by."""
+@pytest.mark.parametrize("native", [True, False], ids=["line-in-c", "line-in-python"])
+def test_the_request_path_writes_the_payload_answered_payload_defines(tmp_path, native):
+    """InferenceLogger.answered makes the payload inline (a call costs on the request path), in C
+    or in Python: the same bytes as monitoring.events.answered_payload, which the benchmark and the
+    readers go by."""
     args = answered(FRAUD, "v1", b'{"instances": [\n{"amount": 1.5, "country": "DE"}]}')
-    [_, line] = handed_over(tmp_path, [args])
+    [_, line] = handed_over(tmp_path, [args], native=native)
     _, ts_s, latency_s, *_ = orjson.loads(line[1 : line.index(b"\t")])
     started, ended, model, version, role, request_id, protocol, body, row_input, outputs = args
     # Its time is the wall clock's at ``ended`` (one perf_counter read on the request path).
@@ -626,3 +644,69 @@ def test_hand_overs_spool_while_the_store_is_away_and_arrive_with_their_ids(tmp_
     second.close()
     assert store.order == expected  # the spooled hand-over first, then the new one
     assert second.spool.events == 0 and not second.spool.files()
+
+
+def test_the_line_maker_in_c_is_built_and_used():
+    """``make setup`` compiles serving/_lines.c (setup.py); the model server uses it by default."""
+    from serving import _lines
+
+    logger = InferenceLogger(["sleep", "60"], flush_ms=60_000)
+    try:
+        assert isinstance(logger.answered.__self__, _lines.Lines)
+    finally:
+        logger.close(timeout_s=2)
+
+
+def _odd(rows: int) -> dict[str, Any]:
+    return {"y": np.arange(rows, dtype=np.float32) / 3, "label": np.asarray(['a"b'] * rows, dtype=object)}
+
+
+@pytest.mark.parametrize(
+    ("request_id", "row_input", "outputs", "body"),
+    [
+        ("plain-id", None, {"y": np.asarray([[0.1, 0.2]], dtype=np.float32)}, b'{"instances": [[1, 2]]}'),
+        ('quote " back \\ tab \t', "row", _odd(3), b'{"instances":\n[1,\n2,\n3]}\n'),
+        ("ünïcode-✓", None, {}, b"{}"),
+        ("big", None, _odd(2), b'{"instances": [' + b", ".join([b"[1.5, 2.5]"] * 20_000) + b"]}"),
+        ("mapping", None, types.MappingProxyType({"y": np.zeros((2, 3))}), b'{"instances": [[0], [0]]}'),
+    ],
+    ids=["plain", "escapes-and-newlines", "unicode-no-outputs", "large-body", "mapping"],
+)
+def test_the_line_made_in_c_is_the_line_made_in_python(tmp_path, request_id, row_input, outputs, body):
+    now = time.perf_counter()
+    args = (now - 0.25, now, "fraud", "4", "canary", request_id, "v1", body, row_input, outputs)
+    [_, in_c] = handed_over(tmp_path, [args], native=True)
+    [_, in_python] = handed_over(tmp_path, [args], native=False)
+    head_c, body_c = in_c.split(b"\t", 1)
+    head_python, body_python = in_python.split(b"\t", 1)
+    assert body_c == body_python == body.replace(b"\n", b" ") + b"\n"
+    (_, ts_c, *rest_c), (_, ts_python, *rest_python) = orjson.loads(head_c[1:]), orjson.loads(head_python[1:])
+    assert rest_c == rest_python  # the wall-clock offset is each logger's own: the times agree closely
+    assert ts_c == pytest.approx(ts_python, abs=1.0)
+    latency_s, rows, *named, logged_outputs = rest_c
+    assert latency_s == pytest.approx(0.25) and rows == (len(next(iter(outputs.values()))) if outputs else 0)
+    assert named == ["fraud", "4", "canary", request_id, "v1", row_input]
+    assert logged_outputs.keys() == outputs.keys()
+
+
+@pytest.mark.parametrize(
+    ("position", "value", "error"),
+    [
+        (7, "not bytes", "body: expected bytes, not str"),
+        (0, "soon", "must be real number, not str"),
+        (9, {"y": np.float32(1)}, "len"),
+    ],
+)
+def test_the_line_maker_in_c_refuses_what_python_would_refuse(position, value, error):
+    logger = InferenceLogger(["sleep", "60"], flush_ms=60_000)
+    try:
+        now = time.perf_counter()
+        args = [now, now, "fraud", "4", "stable", "r", "v1", b"{}", None, {"y": np.zeros(1)}]
+        args[position] = value
+        with pytest.raises(TypeError, match=error):
+            logger.answered(*args)
+        with pytest.raises(TypeError, match="takes 10 arguments"):
+            logger.answered(*args[:9])
+        assert logger.depth == 0
+    finally:
+        logger.close(timeout_s=2)
