@@ -2,7 +2,7 @@
 
 On this machine the throughput of the same build moves by up to 3 % between runs, and a median of
 6 rounds is only good to about ±1 %: a change of 1 µs in the ~100 µs a small request costs the
-server cannot be seen in ``bench.serving``. Instructions can be counted exactly: each server runs
+server cannot be seen in ``bench.serving``. Instructions can be counted: each server runs
 under valgrind's callgrind (the log writer, a child process, runs natively: it runs on the other
 core), answers ``--warmup`` requests uncounted, then ``--requests`` counted ones, one at a time
 over a keep-alive connection; the figure is the server's instructions (every thread) per counted
@@ -14,7 +14,9 @@ request, with the log on against the log off (``ours-nolog``), in the same run.
 ``--baseline REV`` counts ``ours`` as it was at a git revision too (``ours-base``);
 ``--variant lines-py:MLOPS_LOGS__LINES=python`` counts ``ours`` with an environment variable set.
 Instructions are not time (a cache miss costs no instruction): this shows what a change takes out
-of the server's work, and the throughput benchmark shows what that is worth. Under valgrind the
+of the server's work, and the throughput benchmark shows what that is worth. A whole server's
+count is not exact either: its threads and timers do not repeat exactly, and two counts of the
+same server differed by about 1 % (2026-11-27); differences smaller than that need several counts. Under valgrind the
 server runs about 50 times slower, so the log's hand-over interval is stretched by ``--slowdown``
 to keep the requests per hand-over close to a native run's.
 
@@ -47,6 +49,7 @@ def count(
     port = free_port()
     env = {**ours_env(work, name, port, argv_env.pop("_log") == "on"), **argv_env}
     env["MLOPS_LOGS__FLUSH_MS"] = str(200 * args.slowdown)
+    env["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
     out = work / f"{name}.callgrind"
     argv = [
         "valgrind", "--tool=callgrind", "--trace-children=no", "--separate-threads=yes",
@@ -80,8 +83,6 @@ def count(
                 if (i + 1) % max(1, args.requests // 4) == 0:
                     log(f"{name}: {i + 1}/{args.requests} requests counted")
             seconds = time.monotonic() - began
-            # Let one hand-over happen inside the count, as it does every flush interval natively.
-            time.sleep(min(args.slowdown * 0.2 * 1.5, 30))  # log off: the same idle time
             control(proc.pid, "--dump")  # the counted requests' instructions: the first dump
     finally:
         proc.terminate()
