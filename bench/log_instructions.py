@@ -15,8 +15,9 @@ request, with the log on against the log off (``ours-nolog``), in the same run.
 ``--variant lines-py:MLOPS_LOGS__LINES=python`` counts ``ours`` with an environment variable set.
 Instructions are not time (a cache miss costs no instruction): this shows what a change takes out
 of the server's work, and the throughput benchmark shows what that is worth. A whole server's
-count is not exact either: its threads and timers do not repeat exactly, and two counts of the
-same server differed by about 1 % (2026-11-27); differences smaller than that need several counts. Under valgrind the
+count is not exact either: its threads and timers do not repeat exactly. Two servers of the same
+build in one run differed by 0.14 % (2026-11-27); the log-off server of different runs, by up to
+1 % before the hash seed was fixed and idle time left out of the count. Under valgrind the
 server runs about 50 times slower, so the log's hand-over interval is stretched by ``--slowdown``
 to keep the requests per hand-over close to a native run's.
 
