@@ -38,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serving import MODELS, ROOT, deploy, export_revision, free_port, ours_env, variants_from
+from bench.serving import MODELS, ROOT, deploy, export_revision, free_port, ours_env, process, variants_from
 
 READY_S = 600  # the server's imports under valgrind take minutes
 
@@ -58,18 +58,8 @@ def count(
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     began = time.monotonic()
-    with (work / f"{name}.log").open("w") as server_log:
-        proc = subprocess.Popen(argv, stdout=server_log, stderr=subprocess.STDOUT, env=env, cwd=source)
-    try:
-        while time.monotonic() - began < READY_S:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited; see {work / f'{name}.log'}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"{name} not ready in {READY_S} s; see {work / f'{name}.log'}")
+    server = process(argv, url + "/v2/health/ready", work / f"{name}.log", env, source, READY_S, stop_s=120)
+    with server as proc:
         log(f"{name}: up under callgrind in {time.monotonic() - began:.0f} s")
         deploy(url, stable)
         target = f"{url}/v1/models/bench:predict"
@@ -85,12 +75,6 @@ def count(
                     log(f"{name}: {i + 1}/{args.requests} requests counted")
             seconds = time.monotonic() - began
             control(proc.pid, "--dump")  # the counted requests' instructions: the first dump
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     log(f"{name}: {args.requests / seconds:.0f} requests/s under callgrind")
     # The first dump, a file per thread (callgrind's <file>.<dump>-<thread>).
     dumps = sorted(work.glob(f"{name}.callgrind.1-*"))

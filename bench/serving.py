@@ -124,13 +124,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(
-    argv: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    argv: list[str],
+    ready_url: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    ready_s: float = 90,
+    stop_s: float = 20,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A server, ready; stopped on leaving. ``cwd`` is where ``python -m`` finds its packages."""
+    """A server, ready within ``ready_s``; stopped on leaving (killed after ``stop_s``). ``cwd`` is
+    where ``python -m`` finds its packages."""
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + ready_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{argv} exited; see {log}")
@@ -139,12 +146,12 @@ def process(
                     break
             time.sleep(0.3)
         else:
-            raise RuntimeError(f"{argv} not ready; see {log}")
+            raise RuntimeError(f"{argv} not ready in {ready_s:.0f} s; see {log}")
         yield proc
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=stop_s)
         except subprocess.TimeoutExpired:
             proc.kill()
 
@@ -306,16 +313,17 @@ def bench_model(
     ours = [("ours", True, ROOT), ("ours-nolog", False, ROOT)] + (
         [("ours-base", True, baseline)] if baseline else []
     )
-    ours += [(variant, True, ROOT) for variant in variants or {}]
+    variants = variants or {}
+    ours += [(variant, True, ROOT) for variant in variants]
     for server, logging_on, source in ours:
         port = free_port()
-        env = {**ours_env(work, f"{name}-{server}", port, logging_on), **(variants or {}).get(server, {})}
+        env = {**ours_env(work, f"{name}-{server}", port, logging_on), **variants.get(server, {})}
         servers[server] = (
             [python, "-m", "serving"], f"http://127.0.0.1:{port}", "/v2/health/ready", env, source
         )  # fmt: skip
 
     measures = []
-    wanted = [server for server in servers if server in servers_wanted or server in (variants or {})]
+    wanted = [server for server in servers if server in servers_wanted or server in variants]
     with contextlib.ExitStack() as running:
         # Every server up at once (an idle one costs nothing), then one cell at a time, taking
         # turns: ours c=1, ours-nolog c=1, ..., so a slow spell of the machine hits both sides;
@@ -326,7 +334,7 @@ def bench_model(
             log = work / f"{name}-{server}.log"
             started = process(load.server(argv), url + ready, log, server_env, source)
             pids[server] = running.enter_context(started).pid
-            if server.startswith("ours") or server in (variants or {}):
+            if server.startswith("ours") or server in variants:
                 deploy(url, stable, canary)
             targets[server] = f"{url}/v1/models/bench:predict"
             check = httpx.post(
@@ -430,32 +438,36 @@ def report(
             f"{spread(rounds[(model, 'ours', c)], rounds[(model, 'ours-nolog', c)])}"
             f" (p50 {on.p50_ms / off.p50_ms:.2f}x, p99 {on.p99_ms / off.p99_ms:.2f}x of ours-nolog)",
         )  # fmt: skip
-        lines += compare(
-            by, "ours-base", "ours-nolog",
-            lambda c, on, off, model=model: f"\nat {baseline}, logging cost {100 * (1 - on.rps / off.rps):.1f} % at c={c}"
-            f"{spread(rounds[(model, 'ours-base', c)], rounds[(model, 'ours-nolog', c)])}",
-        )  # fmt: skip
-        lines += compare(
-            by, "ours", "ours-base",
-            lambda c, new, old, model=model: f"\nours serves {100 * (new.rps / old.rps - 1):+.1f} % of the requests"
-            f" of ours at {baseline} at c={c}{spread(rounds[(model, 'ours-base', c)], rounds[(model, 'ours', c)])}"
-            f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
-            f" (+{old.cpu_us_children:.0f}))",
-        )  # fmt: skip
-        for variant in variants:
-            lines += compare(
-                by, variant, "ours-nolog",
-                lambda c, on, off, model=model, v=variant: f"\n{v}: logging costs {100 * (1 - on.rps / off.rps):.1f} %"
-                f" at c={c}{spread(rounds[(model, v, c)], rounds[(model, 'ours-nolog', c)])}",
-            )  # fmt: skip
-            lines += compare(
-                by, "ours", variant,
-                lambda c, new, old, model=model, v=variant: f"\nours serves {100 * (new.rps / old.rps - 1):+.1f} % of"
-                f" the requests of {v} at c={c}{spread(rounds[(model, v, c)], rounds[(model, 'ours', c)])}"
-                f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
-                f" (+{old.cpu_us_children:.0f}))",
-            )  # fmt: skip
+        # Other builds of ours: the revision of --baseline, the --variants (none measured: no line).
+        others = [("ours-base", f"at {baseline}, logging cost", f"ours at {baseline}")]
+        others += [(variant, f"{variant}: logging costs", variant) for variant in variants]
+        its_rounds = {(server, c): r for (m, server, c), r in rounds.items() if m == model}
+        for other, cost_label, label in others:
+            lines += against(by, its_rounds, other, cost_label, label)
     return "\n".join(lines)
+
+
+def against(
+    by: dict[tuple[str, int], Measure],
+    rounds: dict[tuple[str, int], list[float]],
+    other: str,
+    cost_label: str,
+    label: str,
+) -> list[str]:
+    """Lines for another build of ours (``ours-base``, a ``--variant``): what logging costs it, and
+    how many requests ours serves against it, at each concurrency."""
+    lines = compare(
+        by, other, "ours-nolog",
+        lambda c, on, off: f"\n{cost_label} {100 * (1 - on.rps / off.rps):.1f} % at c={c}"
+        f"{spread(rounds[(other, c)], rounds[('ours-nolog', c)])}",
+    )  # fmt: skip
+    return lines + compare(
+        by, "ours", other,
+        lambda c, new, old: f"\nours serves {100 * (new.rps / old.rps - 1):+.1f} % of the requests of {label}"
+        f" at c={c}{spread(rounds[(other, c)], rounds[('ours', c)])}"
+        f" (CPU µs/req {new.cpu_us:.0f} (+{new.cpu_us_children:.0f}) against {old.cpu_us:.0f}"
+        f" (+{old.cpu_us_children:.0f}))",
+    )  # fmt: skip
 
 
 def main() -> int:

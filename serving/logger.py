@@ -526,9 +526,6 @@ class InferenceLogger:
         # Answered requests' event ids: this process's prefix and a count of those handed over.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._numbered = 0
-        # Wall-clock time less perf_counter's, set again at every hand-over: an answered request's
-        # time is its perf_counter plus this, one clock read on the request path instead of two.
-        self._wall_offset = time.time() - time.perf_counter()
         self._native: Any = None
         if native and _lines is None:
             log.warning("inference log: serving._lines was not built (no C compiler?): lines made in Python")
@@ -538,8 +535,8 @@ class InferenceLogger:
                 self._pending, queue_events, SCHEMA_VERSION, orjson.dumps, plain,
                 orjson.OPT_SERIALIZE_NUMPY, DROPPED.inc,
             )  # fmt: skip
-            self._native.wall_offset = self._wall_offset
             self.answered = self._native.answered  # type: ignore[method-assign]
+        self._set_wall_offset()
         self._reported = {"written": 0, "spooled": 0, "rejected": 0}
         self._stop = threading.Event()
         self._process = self._spawn()
@@ -619,6 +616,14 @@ class InferenceLogger:
 
     # --- the hand-over thread ---------------------------------------------------------------
 
+    def _set_wall_offset(self) -> None:
+        """Wall-clock time less perf_counter's, set again at every hand-over: an answered request's
+        time is its perf_counter plus this, one clock read on the request path instead of two (the
+        C line maker keeps its own copy)."""
+        self._wall_offset = time.time() - time.perf_counter()
+        if self._native is not None:
+            self._native.wall_offset = self._wall_offset
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         # A hand-over (200 ms of traffic: some 700 KB at 10,000 requests/s) in a few writes, so
@@ -633,9 +638,7 @@ class InferenceLogger:
     def _forward(self) -> None:
         while True:
             stopping = self._stop.wait(self._flush_s)
-            self._wall_offset = time.time() - time.perf_counter()  # a wall clock set meanwhile
-            if self._native is not None:
-                self._native.wall_offset = self._wall_offset
+            self._set_wall_offset()  # a wall clock set meanwhile
             pending, others = self._pending, self._others
             lines = [pending.popleft() for _ in range(len(pending))]
             answered = len(lines)  # one line each, first: their ids are numbered in this order
