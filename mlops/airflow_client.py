@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from mlops.errors import BackendUnavailable, MLOpsError
+from common.errors import BackendUnavailable, MLOpsError
 
 FINISHED = ("success", "failed")
 

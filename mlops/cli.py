@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.errors import InvalidInput, MLOpsError
+from common.settings import Settings, load_settings
 from mlops import __version__
-from mlops.errors import InvalidInput, MLOpsError
-from mlops.settings import Settings, load_settings
 
 STATUS_NOT_HEALTHY = 3
 # What streams to the terminal (tail, --jsonl) writes here: during a command sys.stdout is stderr.

@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
+from common.errors import MLOpsError
+from common.settings import Settings
 from mlops.airflow_client import AirflowClient
-from mlops.errors import MLOpsError
-from mlops.settings import Settings
 from mlops.stack import Supervisor, build_components
 
 CHECK_DAG = "check_runtime"

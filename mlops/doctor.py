@@ -8,7 +8,7 @@ from importlib import metadata
 
 import httpx
 
-from mlops.errors import BackendUnavailable, MLOpsError
+from common.errors import BackendUnavailable, MLOpsError
 
 PACKAGES = (
     "mlops", "kserve", "onnxruntime-gpu", "onnx", "torch", "mlflow", "great-expectations",

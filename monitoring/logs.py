@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 from monitoring.events import InferenceEvent, now_ms
 from monitoring.logstore import LogStore, ReadStats
 

@@ -6,7 +6,7 @@ import hmac
 import os
 import secrets
 
-from mlops.settings import Settings
+from common.settings import Settings
 
 TOKEN_FILE = "admin-token"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mlops.errors import InvalidInput, ModelNotFound
+from common.errors import InvalidInput, ModelNotFound
 from serving.signature import Signature, from_mlflow
 from serving.transformer import METADATA_KEY, Transformer
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import kserve
 
-from mlops.errors import InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
-from mlops.settings import Settings
+from common.errors import InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from common.settings import Settings
 from serving import metrics
 from serving.batching import Batcher
 from serving.bundle import read_bundle

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 from serving.transformer import Transformer
 
 Compute = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]

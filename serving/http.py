@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from common.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
 from monitoring.events import Feedback, InferenceRequest
 from serving import metrics
 from serving.auth import token_matches

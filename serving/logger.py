@@ -64,7 +64,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge
 
-from mlops.errors import BackendUnavailable
+from common.errors import BackendUnavailable
 from monitoring.events import (
     SCHEMA_VERSION,
     AnsweredBatch,
@@ -789,7 +789,7 @@ def main() -> int:
     with contextlib.suppress(OSError):
         os.nice(WRITER_NICENESS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s log-writer %(levelname)s %(message)s")
-    from mlops.settings import load_settings
+    from common.settings import load_settings
     from monitoring.logstore import get_log_store
 
     settings = load_settings()

@@ -18,7 +18,7 @@ import kserve
 import numpy as np
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from mlops.errors import InvalidInput, ModelNotReady
+from common.errors import InvalidInput, ModelNotReady
 from serving import metrics
 from serving.bundle import Bundle
 from serving.runtime import OnnxRuntime, Runtime, TorchRuntime

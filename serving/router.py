@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Generic, Literal, TypeVar
 
-from mlops.errors import InvalidInput, ModelNotReady
+from common.errors import InvalidInput, ModelNotReady
 
 Role = Literal["stable", "canary"]
 Mode = Literal["split", "shadow"]

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mlops.errors import ModelNotReady
+from common.errors import ModelNotReady
 from serving.providers import CPU_PROVIDER, usable_providers
 from serving.signature import Signature, from_onnx
 

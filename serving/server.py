@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mlops.settings import Settings
+from common.settings import Settings
 
 ASGIApp = Any
 
@@ -140,8 +140,8 @@ def inference_logger(settings: Settings) -> Any:
 
 
 def main() -> int:
-    from mlops.errors import MLOpsError
-    from mlops.settings import load_settings
+    from common.errors import MLOpsError
+    from common.settings import load_settings
 
     try:
         settings = load_settings()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 
 # Open Inference Protocol datatypes <-> numpy.
 V2_TO_NUMPY: dict[str, np.dtype] = {

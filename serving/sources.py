@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mlops.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
 
 _MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 _DONE = ".complete"

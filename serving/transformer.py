@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 from serving.signature import Signature, TensorSpec
 
 METADATA_KEY = "mlops_transformer"

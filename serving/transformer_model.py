@@ -13,7 +13,7 @@ import kserve
 import numpy as np
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
-from mlops.errors import ModelNotReady
+from common.errors import ModelNotReady
 from serving.bundle import Bundle
 from serving.model import kserve_errors
 from serving.signature import RequestDecoder, v2_outputs

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import NoReturn
 
-from mlops.errors import ConfigError
-from mlops.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 from mlops.stack.services import build_components, find_service, service_environment
 from mlops.stack.supervisor import DownResult, StackStatus, Supervisor
 

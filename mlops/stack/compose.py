@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from mlops.settings import Settings
+from common.settings import Settings
 from mlops.stack.services import Component, build_components
 
 HEADER = """\

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from mlops.errors import ConfigError
-from mlops.settings import Settings, env_name
+from common.errors import ConfigError
+from common.settings import Settings, env_name
 
 HEALTHY = "healthy"
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from mlops.errors import ConfigError, StackError
-from mlops.settings import Settings, env_name
+from common.errors import ConfigError, StackError
+from common.settings import Settings, env_name
 from mlops.stack.services import HEALTHY, Component, Service, airflow_login
 
 Progress = Callable[[str], None]

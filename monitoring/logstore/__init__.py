@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
-from mlops.errors import ConfigError
+from common.errors import ConfigError
 from monitoring.events import AnsweredBatch, Feedback, InferenceEvent, Labelled, LoggedRequest
 
 

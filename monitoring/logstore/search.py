@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from mlops.errors import BackendUnavailable, ConfigError
+from common.errors import BackendUnavailable, ConfigError
 from monitoring.events import (
     AnsweredBatch,
     Feedback,

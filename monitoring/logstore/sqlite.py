@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 import orjson
 
-from mlops.errors import BackendUnavailable, ConfigError
+from common.errors import BackendUnavailable, ConfigError
 from monitoring.events import (
     AnsweredBatch,
     Feedback,

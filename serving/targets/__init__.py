@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlparse
 
-from mlops.errors import ConfigError
-from mlops.settings import Settings
+from common.errors import ConfigError
+from common.settings import Settings
 from serving.router import Mode, Role
 
 

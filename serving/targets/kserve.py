@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from mlops.errors import BackendUnavailable, InvalidInput, ModelNotFound
-from mlops.settings import KServeSettings
+from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from common.settings import KServeSettings
 from serving.router import Mode, Role
 from serving.targets import Deployment, VersionRef
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from mlops.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from common.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
 from serving.router import Mode, Role
 from serving.targets import Deployment, VersionRef
 

@@ -12,7 +12,7 @@ from tests.helpers import PROJECT_ROOT
 # Only in the runtime environment (.venv): Airflow's environment cannot hold them.
 RUNTIME_ONLY = {
     "torch", "kserve", "alibi_detect", "great_expectations", "onnxruntime", "onnx", "mlflow",
-    "sklearn", "mlops", "serving", "monitoring", "retraining",
+    "sklearn", "common", "mlops", "serving", "monitoring", "retraining",
 }  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def test_dags_and_plugins_never_import_the_runtime(path):
     assert imported_roots(path) & RUNTIME_ONLY == set()
 
 
-@pytest.mark.parametrize("path", files("mlops", "serving", "monitoring", "retraining"), ids=str)
+@pytest.mark.parametrize("path", files("common", "mlops", "serving", "monitoring", "retraining"), ids=str)
 def test_the_runtime_never_imports_airflow(path):
     assert "airflow" not in imported_roots(path)
 

@@ -6,7 +6,7 @@ import os
 
 import yaml
 
-from mlops.settings import load_settings
+from common.settings import load_settings
 from mlops.stack import build_components
 from mlops.stack.compose import CONTAINER_ENV, container_settings, render_compose
 from tests.helpers import PROJECT_ROOT

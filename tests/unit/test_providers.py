@@ -4,8 +4,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from common.errors import MLOpsError
 from mlops.doctor import doctor
-from mlops.errors import MLOpsError
 from serving.providers import CPU_PROVIDER, GPU_PROVIDERS, _identity_model, usable_providers
 
 NO_GPU = not torch.cuda.is_available()

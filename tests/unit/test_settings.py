@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mlops.errors import ConfigError
-from mlops.settings import load_settings
+from common.errors import ConfigError
+from common.settings import load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_unparsable_config_file_is_a_config_error(tmp_path):
 def test_readme_documents_every_setting():
     from pydantic import BaseModel
 
-    from mlops.settings import Settings, env_name
+    from common.settings import Settings, env_name
     from tests.helpers import PROJECT_ROOT
 
     def names(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[str]:

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from mlops.settings import Settings
+from common.settings import Settings
 from mlops.stack import Supervisor, build_components
 from mlops.stack.supervisor import ProcessRecord
 

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 from serving.explain import explain
 
 

@@ -8,8 +8,8 @@ import pytest
 from kserve import KServeClient
 from kubernetes.client.rest import ApiException
 
-from mlops.errors import InvalidInput, ModelNotFound
-from mlops.settings import KServeSettings
+from common.errors import InvalidInput, ModelNotFound
+from common.settings import KServeSettings
 from serving.targets import VersionRef
 from serving.targets.kserve import (
     RUNTIME,

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from mlops.errors import BackendUnavailable
+from common.errors import BackendUnavailable
 from monitoring.events import (
     AnsweredBatch,
     Feedback,

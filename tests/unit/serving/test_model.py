@@ -13,7 +13,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from mlops.errors import InvalidInput, ModelNotFound, ModelNotReady
+from common.errors import InvalidInput, ModelNotFound, ModelNotReady
 from serving.bundle import read_bundle
 from serving.model import VersionModel
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mlops.errors import InvalidInput, ModelNotReady
+from common.errors import InvalidInput, ModelNotReady
 from serving.router import Routing, choose_role
 
 

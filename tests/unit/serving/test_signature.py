@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlops.errors import InvalidInput
+from common.errors import InvalidInput
 
 ROW = [0.5] * 16
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlops.errors import BackendUnavailable, ConfigError
-from mlops.settings import Settings
+from common.errors import BackendUnavailable, ConfigError
+from common.settings import Settings
 from serving.targets import get_deployment_target
 from serving.targets.server import ServerTarget
 from tests.conftest import free_port

@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from mlops.errors import ConfigError
+from common.errors import ConfigError
 
 
 def _project_root() -> Path:
