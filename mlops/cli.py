@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,10 @@ def _stack_probe(settings: Settings, args: argparse.Namespace) -> tuple[Any, int
     from mlops.stack import probe
     from mlops.stack.services import HEALTHY
 
-    states = probe(settings, args.component)
+    states = probe(settings, args.name)
     healthy = all(state == HEALTHY for state in states.values())
     return {
-        "component": args.component,
+        "name": args.name,
         "healthy": healthy,
         "services": states,
     }, 0 if healthy else STATUS_NOT_HEALTHY
@@ -401,13 +402,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # goes to stderr with the logs.
         with contextlib.redirect_stdout(sys.stderr):
             result, code = handler(settings, args)
+        if result is not None:
+            _emit(result, result_file)
+        return code
     except MLOpsError as exc:
-        print(f"mlops: error: {exc}", file=sys.stderr, flush=True)
-        _emit({"error": {"type": type(exc).__name__, "message": str(exc)}}, result_file)
-        return exc.exit_code
+        return _fail(exc, exc.exit_code, result_file)
     except KeyboardInterrupt:
         print("mlops: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
-        _emit(result, result_file)
+    except Exception as exc:  # a bug of ours or a library's: still the JSON error, never a traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        place = f"{Path(where.filename).name}:{where.lineno}"
+        return _fail(RuntimeError(f"unexpected {type(exc).__name__} at {place}: {exc}"), 1, result_file)
+
+
+def _fail(exc: BaseException, code: int, result_file: Path | None) -> int:
+    """The error as the CLI promises it: one line on stderr, the JSON object on stdout."""
+    print(f"mlops: error: {exc}", file=sys.stderr, flush=True)
+    kind = type(exc).__name__ if isinstance(exc, MLOpsError) else "InternalError"
+    try:
+        _emit({"error": {"type": kind, "message": str(exc)}}, result_file)
+    except OSError as write_error:  # the result file cannot be written: stdout still has it
+        print(f"mlops: error: --result-file: {write_error}", file=sys.stderr, flush=True)
     return code

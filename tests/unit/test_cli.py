@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import argparse
 import json
 
+import pytest
+
+from common.settings import load_settings
+from mlops import cli
+from mlops.stack import build_components
+from tests.conftest import free_port
 from tests.helpers import mlops_env, run_mlops
 
 
@@ -31,12 +38,11 @@ def test_missing_subcommand_is_a_usage_error():
 def test_unreachable_registry_fails_with_its_url_and_exit_1():
     run = run_mlops("doctor", "--mlflow-uri", "http://127.0.0.1:9")
     assert run.code == 1
-    assert run.json["error"] == {
-        "type": "BackendUnavailable",
-        "message": run.json["error"]["message"],
-    }
-    assert "MLflow tracking server at http://127.0.0.1:9 is unreachable" in run.json["error"]["message"]
-    assert len(run.error_lines) == 1
+    error = run.json["error"]
+    assert set(error) == {"type", "message"}
+    assert error["type"] == "BackendUnavailable"
+    assert "MLflow tracking server at http://127.0.0.1:9 is unreachable" in error["message"]
+    assert run.error_lines == [f"mlops: error: {error['message']}"]
 
 
 def test_result_file_gets_the_same_json_as_stdout(tmp_path):
@@ -64,3 +70,78 @@ def test_negative_ttl_is_refused_naming_the_flag():
     run = run_mlops("stack", "up", "--ttl-s", "-5")
     assert run.code == 2
     assert "--ttl-s" in run.json["error"]["message"]
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _subcommands(sub, (*path, name))
+    return found
+
+
+SUBCOMMANDS = _subcommands(cli.build_parser())
+
+
+def test_the_subcommand_list_is_complete():
+    # Guards the parametrized test below against a walk that finds nothing.
+    assert {("stack", "probe"), ("serve", "load"), ("logs", "query"), ("demo",)} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("path", SUBCOMMANDS, ids=lambda p: " ".join(p) or "mlops")
+def test_every_subcommand_answers_help(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*path, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mlops {' '.join(path)}".rstrip())
+
+
+def _stack_on_free_ports(monkeypatch) -> None:
+    for name in ("MLOPS_MLFLOW__PORT", "MLOPS_AIRFLOW__PORT", "MLOPS_SERVING__PORT"):
+        monkeypatch.setenv(name, str(free_port()))
+
+
+def _probe_names() -> list[str]:
+    components = build_components(load_settings())
+    return [c.name for c in components if c.probe] + [s.name for c in components for s in c.long_running]
+
+
+@pytest.mark.parametrize("name", _probe_names())
+def test_stack_probe_of_each_component_and_service_answers_json(name, monkeypatch, capsys):
+    _stack_on_free_ports(monkeypatch)  # nothing listens there: not healthy, exit 3
+    code = cli.main(["stack", "probe", name])
+    result = json.loads(capsys.readouterr().out)
+    assert code == cli.STATUS_NOT_HEALTHY
+    assert result["name"] == name and result["healthy"] is False
+    assert result["services"] and all(state != "healthy" for state in result["services"].values())
+
+
+def test_stack_probe_of_an_unknown_name_is_a_usage_error(capsys):
+    code = cli.main(["stack", "probe", "nonesuch"])
+    assert code == 2
+    assert "nothing to probe named 'nonesuch'" in json.loads(capsys.readouterr().out)["error"]["message"]
+
+
+def test_an_unexpected_exception_still_gives_the_json_error_and_no_traceback(monkeypatch, capsys):
+    def broken(settings, args):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli, "_doctor", broken)
+    code = cli.main(["doctor", "--no-registry"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert json.loads(out)["error"]["type"] == "InternalError"
+    assert "unexpected KeyError at test_cli.py" in json.loads(out)["error"]["message"]
+    assert "Traceback" not in err
+
+
+def test_a_result_json_cannot_encode_gives_the_json_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_doctor", lambda settings, args: ({"value": object()}, 0))
+    target = tmp_path / "return.json"
+    code = cli.main(["--result-file", str(target), "doctor", "--no-registry"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert json.loads(out)["error"]["message"].startswith("unexpected TypeError")
+    assert json.loads(target.read_text()) == json.loads(out)
+    assert "Traceback" not in err
