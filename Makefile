@@ -18,12 +18,10 @@ $(RUNTIME)/.installed: requirements.txt constraints.txt
 	$(RUNTIME)/bin/python -m pip install --progress-bar on -r requirements.txt -c constraints.txt
 	@touch $@
 
-# ... plus this project (editable), with its one C file: the request path's log line.
-$(RUNTIME)/.project: $(RUNTIME)/.installed pyproject.toml setup.py serving/_lines.c
-	@echo "==> this project into $(RUNTIME) (editable; builds serving/_lines.c)"
+# ... plus this project (editable: pure Python, nothing to compile).
+$(RUNTIME)/.project: $(RUNTIME)/.installed pyproject.toml
+	@echo "==> this project into $(RUNTIME) (editable)"
 	$(RUNTIME)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-	@$(RUNTIME)/bin/python -c "import serving._lines" 2>/dev/null || echo "make: serving/_lines.c was \
-	not built (no C compiler or Python headers?): the model server makes its log lines in Python" >&2
 	@touch $@
 
 # Orchestration environment: Airflow and its providers only; it never holds the ML runtime.
@@ -66,4 +64,4 @@ lock:
 
 clean: 
 	-$(RUNTIME)/bin/mlops stack down
-	rm -rf $(RUNTIME) $(AIRFLOW) .state build serving/*.so
+	rm -rf $(RUNTIME) $(AIRFLOW) .state build

@@ -12,7 +12,7 @@ request, with the log on against the log off (``ours-nolog``), in the same run.
         [--baseline REV] [--variant NAME:ENV=VALUE ...] [--top 15]
 
 ``--baseline REV`` counts ``ours`` as it was at a git revision too (``ours-base``);
-``--variant lines-py:MLOPS_LOGS__LINES=python`` counts ``ours`` with an environment variable set.
+``--variant NAME:ENV=VALUE`` (e.g. ``flush20:MLOPS_LOGS__FLUSH_MS=20``) counts ``ours`` with an environment variable set.
 Instructions are not time (a cache miss costs no instruction): this shows what a change takes out
 of the server's work, and the throughput benchmark shows what that is worth. A whole server's
 count is not exact either: its threads and timers do not repeat exactly. Two servers of the same

@@ -4,10 +4,10 @@ One run, the same events (shaped like the demo model's: three raw features, a la
 scores), for each store:
 
 - ``sqlite``: the embedded store, alone, and while another *process* scans the same window over
-  and over (the model server writing while an Airflow task reads), written three ways: events one
-  by one (``write``), requests (``write_requests``: one record per request, expanded to rows when
-  read), and hand-overs of answered requests as the model server's log writer stores them
-  (``write_batches``: one record per hand-over, its lines as they came);
+  and over (the model server writing while an Airflow task reads), written three ways: single
+  events (``write``), batches of logged requests as the model server's log writer stores them
+  (``write_requests``: one record per batch, its lines as they came, expanded to rows when read),
+  and the same requests a batch each (what a writer without hand-overs would store);
 - ``opensearch``: osmem-server (in-memory OpenSearch API) through opensearch-py;
 - ``elasticsearch``: the same server through the official client and the header proxy of the tests.
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from monitoring.events import AnsweredBatch, InferenceEvent, LoggedRequest, answered_payload, logged_answer
+from monitoring.events import InferenceEvent, RequestBatch, encode_request
 from monitoring.logstore import get_log_store
 
 BATCH = 500
@@ -45,7 +45,7 @@ T0 = 1_790_000_000_000
 def events(count: int, offset: int = 0) -> list[InferenceEvent]:
     return [
         InferenceEvent(
-            event_id=f"{offset + i:09d}-0",
+            event_id=f"bench{offset + i:x}-0",
             ts_ms=T0 + offset + i,
             model="fraud",
             version="2",
@@ -64,50 +64,51 @@ def events(count: int, offset: int = 0) -> list[InferenceEvent]:
     ]
 
 
-def requests(count: int, offset: int = 0) -> list[LoggedRequest]:
-    """The same rows as ``events``, one request each, as the model server's log writer hands them
-    to a store (the payload of an answered request: the V1 body as the client sent it, and the
-    outputs)."""
+def lines(count: int, offset: int) -> list[bytes]:
+    """The same rows as ``events``, one request each, as the model server logs them (the V1 body as
+    the client sent it, and the outputs)."""
     return [
-        logged_answer(
-            e.event_id[:-2],
-            answered_payload(
-                e.ts_ms / 1000,
-                e.latency_ms / 1000,
-                e.model,
-                e.version,
-                e.role,
-                e.request_id,
-                "v1",
-                orjson.dumps({"instances": [e.inputs]}),
-                None,
-                {name: [value] for name, value in e.outputs.items()},
-            ),
-        )  # fmt: skip
+        encode_request(
+            e.ts_ms / 1000,
+            e.latency_ms / 1000,
+            e.model,
+            e.version,
+            e.role,
+            e.request_id,
+            "v1",
+            orjson.dumps({"instances": [e.inputs]}),
+            None,
+            {name: [value] for name, value in e.outputs.items()},
+        )
+        + b"\n"  # fmt: skip
         for e in events(count, offset)
     ]
 
 
-def hand_over(count: int, offset: int) -> AnsweredBatch:
-    """The same requests as ``requests``, as the log writer reads them from the model server."""
-    lines = b"".join(b"a%b\n" % request.body for request in requests(count, offset))
-    batch = AnsweredBatch.scan("bench", offset, lines)
-    assert batch is not None
-    return batch
+def batch(count: int, offset: int) -> list[RequestBatch]:
+    """The requests as one batch, as the log writer reads a hand-over from the model server."""
+    found = RequestBatch.scan("bench", offset, b"".join(lines(count, offset)))
+    assert found is not None
+    return [found]
 
 
-WAYS: dict[str, Callable[[int, int], Any]] = {"": events, " requests": requests, " hand-overs": hand_over}
+def singles(count: int, offset: int) -> list[RequestBatch]:
+    """The same requests, a batch each."""
+    made = [RequestBatch.scan("bench", offset + i, line) for i, line in enumerate(lines(count, offset))]
+    assert all(made)
+    return made  # type: ignore[return-value]
+
+
+WAYS: dict[str, Callable[[int, int], Any]] = {"": events, " batches": batch, " request-batches": singles}
 
 
 def write_rate(url: str, count: int, way: str = "", **options: object) -> float:
     store = get_log_store(url, **options)
-    write = {"": store.write, " requests": store.write_requests, " hand-overs": store.write_batches}[way]
+    write = store.write if way == "" else store.write_requests
     batches = [WAYS[way](BATCH, offset) for offset in range(0, count, BATCH)]
-    if way == " hand-overs":
-        batches = [[batch] for batch in batches]  # type: ignore[misc]
     began = time.perf_counter()
-    for batch in batches:
-        write(batch)  # type: ignore[operator]
+    for items in batches:
+        write(items)
     elapsed = time.perf_counter() - began
     store.refresh()
     return count / elapsed
@@ -176,6 +177,8 @@ def main() -> int:
                 prefix = f"bench{uuid.uuid4().hex[:8]}"
                 results[f"{flavour} write"] = write_rate(url, count, index_prefix=prefix)
                 results[f"{flavour} read window"] = read_rate(url, count, index_prefix=prefix)
+                prefix = f"bench{uuid.uuid4().hex[:8]}"
+                results[f"{flavour} write batches"] = write_rate(url, count, " batches", index_prefix=prefix)
                 progress(
                     f"{flavour}: {results[f'{flavour} write']:,.0f} events/s written, {results[f'{flavour} read window']:,.0f}/s read"
                 )

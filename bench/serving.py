@@ -12,7 +12,7 @@ measured in the same run:
   exported to the work folder, run with this environment), so a change is measured against what it
   changed in the same run, cells taking turns, instead of against a figure of another day;
 - a ``--variant NAME:ENV=VALUE``: ``ours`` with one more environment variable set (a setting, or
-  a switch such as ``MLOPS_LOGS__LINES=python``), measured the same way;
+  a switch such as ``MLOPS_LOGS__FLUSH_MS=20``), measured the same way;
 
 for a small MLP (16 features) and a compute-heavy wide MLP, at concurrency 1, 16 and 64, driven by
 wrk (a C load generator: a Python client would be the bottleneck on a 2-core machine). Also the
@@ -234,7 +234,7 @@ def ours_env(work: Path, name: str, port: int, logging_on: bool) -> dict[str, st
         **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
         "MLOPS_STATE_DIR": str(work / f"{name}-state"),
         "MLOPS_SERVING__PORT": str(port),
-        "MLOPS_SERVING__ADMIN_TOKEN": "bench",
+        "MLOPS_SERVING__ADMIN_TOKEN": "bench-admin-token-0001",
         "MLOPS_LOGS__ENABLED": "true" if logging_on else "false",  # every prediction to the log store
     }
 

@@ -30,7 +30,13 @@ class ModelNotReady(MLOpsError):
 
 
 class BackendUnavailable(MLOpsError):
-    """An external system (registry, log store, object store, Airflow) that does not answer."""
+    """An external system (registry, log store, object store, Airflow) that does not answer (or
+    answers "later": overloaded, locked): worth trying again."""
+
+
+class BackendRefused(MLOpsError):
+    """An external system that answered and refused (bad credentials, a request it cannot take, a
+    corrupt database): trying again will not help until someone fixes the cause."""
 
 
 class StackError(MLOpsError):

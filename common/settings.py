@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +33,7 @@ def _project_root() -> Path:
 PROJECT_ROOT = _project_root()
 ENV_PREFIX = "MLOPS_"
 DEFAULT_CONFIG_FILE = "mlops.toml"
+MIN_TOKEN_CHARS = 16
 
 
 class _Section(BaseModel):
@@ -62,7 +63,7 @@ class AirflowSettings(_Section):
     dags_folder: Path = PROJECT_ROOT / "dags"
     plugins_folder: Path = PROJECT_ROOT / "plugins"
     admin_user: str = "admin"
-    admin_password: str | None = Field(
+    admin_password: SecretStr | None = Field(
         None, description="set it to choose the admin password; default: Airflow generates one"
     )
     api_workers: int = Field(1, ge=1)
@@ -78,6 +79,26 @@ class ServingSettings(_Section):
         None,
         description="bearer token of the admin API; default: generated into <state_dir>/serving/admin-token",
     )
+    feedback_token: SecretStr | None = Field(
+        None,
+        description="bearer token of POST /v1/feedback; default: none on loopback, else generated"
+        " into <state_dir>/serving/feedback-token",
+    )
+    target_token: SecretStr | None = Field(
+        None,
+        description="the admin token of a deployment target that is not this stack's model server",
+    )
+    shadow_max_pending: int = Field(
+        256, ge=1, description="mirrored requests a shadow version may have waiting; past it they are dropped"
+    )
+
+    @field_validator("admin_token", "feedback_token", "target_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"a token must be at least {MIN_TOKEN_CHARS} characters")
+        return token
+
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413 unread")
     max_request_rows: int = Field(1024, ge=1, description="rows one request may carry")
     batch_max_rows: int = Field(256, ge=1, description="rows one compute batch may hold")
@@ -109,8 +130,15 @@ class LogsSettings(_Section):
     )
     batch_events: int = Field(500, ge=1, description="events per store write")
     flush_ms: float = Field(200.0, gt=0, description="longest an event waits in memory before a write")
-    lines: Literal["c", "python"] = Field(
-        "c", description="the request path makes its log line in C (serving/_lines.c) or in Python"
+    spool_max_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="the spool's cap on disk (and the dead letters'): past it, events are dropped and counted",
+    )
+    feedback_lookback_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="how far back the embedded store looks for a label's request id (0: do not count unknown ones)",
     )
 
 
@@ -258,5 +286,18 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             )
         value = error.get("input")
         shown = f", got {value!r}" if value is not None and not isinstance(value, dict) else ""
+        if _is_secret(loc):
+            shown = ""  # a secret is never echoed, even a wrong one
         problems.append(f"{where}: {error['msg']}{shown}")
     return "invalid setting: " + "; ".join(problems)
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    """Whether the field at ``loc`` holds a secret (SecretStr), whose value no message may show."""
+    model: Any = Settings
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return "SecretStr" in str(model)

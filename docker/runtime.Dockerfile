@@ -30,19 +30,13 @@ RUN python3.11 -m venv .venv \
  && .venv/bin/pip install --upgrade "pip==26.0.1" \
  && .venv/bin/pip install --extra-index-url "${TORCH_INDEX}" -r requirements.txt -c constraints.txt
 
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
+COPY common ./common
 COPY mlops ./mlops
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY retraining ./retraining
-# The compiler and headers build serving/_lines.c (the request path's log line) and go again.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev python3.11-dev \
- && .venv/bin/pip install --no-deps --no-build-isolation -e . \
- && .venv/bin/python -c "import serving._lines" \
- && apt-get purge -y --auto-remove gcc libc6-dev python3.11-dev \
- && rm -rf /var/lib/apt/lists/* \
+RUN .venv/bin/pip install --no-deps --no-build-isolation -e . \
  && useradd --system --uid 10001 --home-dir /var/lib/mlops --create-home mlops
 
 USER 10001

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidInput, MLOpsError
-from common.settings import Settings, load_settings
+from common.errors import ConfigError, InvalidInput, MLOpsError
+from common.settings import MIN_TOKEN_CHARS, Settings, load_settings
 from mlops import __version__
 
 STATUS_NOT_HEALTHY = 3
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         serve_commands.add_parser(name, help=text).add_argument("model")
     for sub in serve_commands.choices.values():
         sub.add_argument("--target", metavar="URL", help=target_help)
+        sub.add_argument(
+            "--token-file",
+            type=Path,
+            metavar="FILE",
+            help="the target's admin token, in a file (default: MLOPS_SERVING__TARGET_TOKEN; the stack's own"
+            " model server: its admin token)",
+        )
         sub.set_defaults(handler=_serve)
     manifests = serve_commands.add_parser(
         "manifests", help="render the KServe manifests (docker/k8s) from MLOPS_KSERVE__*"
@@ -185,7 +192,7 @@ def _stack_up(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     status = Supervisor(settings, build_components(settings), _progress).up(ttl_s=args.ttl_s)
     if status.airflow_login:
         login = status.airflow_login
-        _progress(f"Airflow UI: {login['url']}  user: {login['user']}  password: {login['password']}")
+        _progress(f"Airflow UI: {login['url']}  user: {login['user']}  password: in {login['password_file']}")
     _progress(f"MLflow UI:  {settings.mlflow_url}")
     return status, 0
 
@@ -224,7 +231,8 @@ def _status_table(status: Any) -> str:
     ]
     lines.append(f"state dir: {status.state_dir}")
     if status.airflow_login:
-        lines.append(f"Airflow login: {status.airflow_login['user']} / {status.airflow_login['password']}")
+        login = status.airflow_login
+        lines.append(f"Airflow login: {login['user']}, password in {login['password_file']}")
     lines.append(f"model server admin token: {Path(status.state_dir) / 'serving' / 'admin-token'}")
     return "\n".join(lines)
 
@@ -268,7 +276,19 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
 def _serve(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     from serving.targets import get_deployment_target
 
-    target = get_deployment_target(args.target or settings.deployment_target, settings)
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"--token-file: cannot read '{args.token_file}': {exc.strerror or exc}"
+            ) from exc
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"--token-file: the token in '{args.token_file}' is shorter than {MIN_TOKEN_CHARS} characters"
+            )
+    target = get_deployment_target(args.target or settings.deployment_target, settings, token)
     command = args.serve_command
     if command == "load":
         return target.deploy(args.model, args.version, args.uri, args.role), 0
@@ -352,8 +372,9 @@ def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     from mlops.demo import demo
 
     result = demo(settings, _progress, ttl_s=args.ttl_s)
+    login = result.airflow_login
     _progress(
-        f"Airflow UI: {result.airflow_url}  user: {result.airflow_login['user']}  password: {result.airflow_login['password']}"
+        f"Airflow UI: {result.airflow_url}  user: {login['user']}  password: in {login['password_file']}"
     )
     _progress(f"MLflow UI:  {result.mlflow_url}")
     _progress(f"check_runtime run: {result.check_runtime['run']} ({result.check_runtime['state']})")

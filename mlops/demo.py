@@ -28,6 +28,7 @@ from common.errors import MLOpsError
 from common.settings import Settings
 from mlops.airflow_client import AirflowClient
 from mlops.stack import Supervisor, build_components
+from mlops.stack.services import airflow_password
 
 CHECK_DAG = "check_runtime"
 DEMO_MODEL = "demo-fraud"
@@ -57,8 +58,8 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     began_ms = time.time_ns() // 1_000_000
     progress(f"[1/{STEPS}] starting the stack (MLflow, Airflow, model server)")
     status = Supervisor(settings, build_components(settings), progress).up(ttl_s=ttl_s)
-    login = status.airflow_login
-    if login is None:
+    login, password = status.airflow_login, airflow_password(settings)
+    if login is None or password is None:
         raise MLOpsError("Airflow is up but its admin login was not written; see the api-server log")
 
     progress(f"[2/{STEPS}] registering example versions of '{DEMO_MODEL}' in MLflow at {settings.mlflow_url}")
@@ -94,7 +95,7 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     )
 
     progress(f"[6/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
-    with AirflowClient(settings.airflow_url, login["user"], login["password"]) as airflow:
+    with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
         airflow.wait_for_dag(CHECK_DAG)
         airflow.unpause(CHECK_DAG)
         run = airflow.wait_for_run(airflow.trigger(CHECK_DAG, {"check_registry": True}), progress=progress)

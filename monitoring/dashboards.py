@@ -111,13 +111,22 @@ def grafana_dashboard() -> dict[str, Any]:
         ("Inference log: events in the spool", "mlops_log_spool_events", "none"),
         ("Inference log: store up", "mlops_log_store_up", "none"),
         (
-            "Inference log: dropped and rejected per second",
-            "rate(mlops_log_events_dropped_total[5m]) + rate(mlops_log_events_rejected_total[5m])",
+            "Inference log: events dropped (by reason), rejected and dead-lettered per second",
+            "sum by (reason) (rate(mlops_log_events_dropped_total[5m]))"
+            " or label_replace(rate(mlops_log_events_rejected_total[5m]), 'reason', 'rejected', '', '')"
+            " or label_replace(rate(mlops_log_events_dead_lettered_total[5m]), 'reason', 'dead_lettered', '', '')",
             "none",
         ),
         (
-            "Shadow failures per second",
-            "sum by (model, version) (rate(mlops_shadow_failures_total[5m]))",
+            "Labels: kept (a row had one) and for unknown requests, per second",
+            "label_replace(rate(mlops_feedback_kept_total[5m]), 'what', 'kept', '', '')"
+            " or label_replace(rate(mlops_feedback_unknown_total[5m]), 'what', 'unknown', '', '')",
+            "none",
+        ),
+        (
+            "Shadow failures and drops per second",
+            "label_replace(sum by (model, version) (rate(mlops_shadow_failures_total[5m])), 'what', 'failed', '', '')"
+            " or label_replace(sum by (model, version) (rate(mlops_shadow_dropped_total[5m])), 'what', 'dropped', '', '')",
             "none",
         ),
         (

@@ -1,13 +1,15 @@
-"""The inference event: one record per predicted row, the input of monitoring and retraining.
+"""The inference log's records: what monitoring and retraining read, and how a request is logged.
 
-Defined once, here, with a schema version. Serving logs whole requests (``InferenceRequest``:
-columns of rows, encoded once on the request path as a ``LoggedRequest``; an answered request's
-inputs are the request body as the client sent it, see ``answered_payload``) and ground-truth
-labels that arrive later (``Feedback``, keyed by request id and row); the log stores keep both and
-give back one ``InferenceEvent`` per row: monitoring and retraining read those by model and time
-window.
-A request's rows are the events ``<event_id>-<row>``, whether a store expands the request when it
-is written (the search stores: one document per row) or when it is read (the embedded store).
+Defined once, here, with a schema version:
+
+- ``InferenceEvent``: one predicted row, what every reader gets back (by model and time window);
+- a *logged request*: one answered (or failed) request as the model server logs it, in one layout
+  (``encode_request``: a JSON head, a tab, the request body as the client sent it); its rows are
+  the events ``<event id>-<row>``, expanded when a store writes it (the search stores: a document
+  per row) or when it is read (the embedded store);
+- ``RequestBatch``: logged requests with consecutive event ids, one per line, as a store takes
+  them (the embedded store keeps a batch as one record);
+- ``Feedback``: a ground-truth label that arrives later, joined to its event by (request id, row).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,6 +26,7 @@ import orjson
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "error")
+PROTOCOLS = ("v1", "v2")
 
 
 class MalformedEvent(ValueError):
@@ -94,43 +97,89 @@ class InferenceEvent:
         return event
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per request
-class InferenceRequest:
-    """One answered request: named columns with one entry per row (a failed request has none)."""
+# --- a logged request ---------------------------------------------------------------------------
+#
+#   JSON [schema_version, ts_s, latency_s, rows, model, version, role, request_id, protocol,
+#         row_input, outputs, error] + b"\t" + the request body as the client sent it
+#
+# ts_s is epoch seconds, latency_s seconds, outputs the named output columns (a row each); error is
+# None for an answered request, else its message (then rows is 1, outputs {} and the body {}).
+# ``protocol`` (v1 or v2) says how to take the input columns out of the body (``request_columns``)
+# and ``row_input`` names the input V1 rows of plain values belong to (None if there is none): the
+# server never encodes the inputs it decoded. orjson escapes tabs and newlines inside strings, and
+# the server makes a body's JSON whitespace spaces: the first tab ends the head, and a logged
+# request is one line. The head's first fields are numbers and its model the first string, so one
+# regular expression over many lines finds their times, rows and models (``REQUEST_HEAD``)
+# without a parse per request: that is how the log writer keeps its CPU off the server's cores.
 
-    event_id: str  # the request's own id, unique; its rows are the events <event_id>-<row>
+_STRING = rb'"(?:[^"\\]|\\.)*"'
+REQUEST_HEAD = re.compile(
+    rb"^\[%d,(-?[0-9][0-9.eE+-]*),[^,]*,([0-9]+),(%b)," % (SCHEMA_VERSION, _STRING), re.MULTILINE
+)
+# The same heads, to their request id (what ``known_requests`` looks for in stored batches).
+REQUEST_ID = re.compile(
+    rb"^\[%d,[^,]*,[^,]*,[0-9]+,(?:%b,){3}(%b)," % (SCHEMA_VERSION, _STRING, _STRING), re.MULTILINE
+)
+
+
+def encode_request(
+    ts_s: float,
+    latency_s: float,
+    model: str,
+    version: str,
+    role: str,
+    request_id: str,
+    protocol: str,
+    body: bytes,
+    row_input: str | None,
+    outputs: Mapping[str, Any],
+    error: str | None = None,
+) -> bytes:
+    """A logged request (the layout above); the model server's request path makes the same bytes
+    inline (``serving.logger.client``), since every call costs there."""
+    rows = 1 if error is not None else len(next(iter(outputs.values()), ()))
+    head = (SCHEMA_VERSION, ts_s, latency_s, rows, model, version, role, request_id, protocol, row_input,
+            outputs, error)  # fmt: skip
+    return b"%b\t%b" % (orjson.dumps(head, default=plain, option=orjson.OPT_SERIALIZE_NUMPY), body)
+
+
+class LoggedRequest(NamedTuple):
+    """A logged request with its head read (``decode_request``); its body is read by ``events``."""
+
+    event_id: str
     ts_ms: int
     model: str
     version: str
     role: str
     request_id: str
+    rows: int  # events
     latency_ms: float
-    inputs: Mapping[str, Any]  # column per feature: arrays on the request path, lists once decoded
-    outputs: Mapping[str, Any]
-    status: str = "ok"
-    error: str | None = None
-
-    @property
-    def rows(self) -> int:
-        """How many events the request holds (a failed request is one event with its error)."""
-        if self.status != "ok" or not self.inputs:
-            return 1
-        return len(next(iter(self.inputs.values())))
+    protocol: str
+    row_input: str | None
+    outputs: dict[str, Any]
+    error: str | None
+    body: bytes
 
     def events(self) -> list[InferenceEvent]:
-        """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store)."""
-        if self.status != "ok" or not self.inputs:
+        """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store);
+        a body that does not fit its head raises MalformedEvent."""
+        if self.error is not None:
             return [self._event(0, {}, {}, "error", self.error)]
-        inputs = {name: _column(values) for name, values in self.inputs.items()}
-        outputs = {name: _column(values) for name, values in self.outputs.items()}
-        rows = range(len(next(iter(inputs.values()))))
+        try:
+            inputs = request_columns(orjson.loads(self.body), self.protocol, self.row_input)
+            outputs = {name: _column(values) for name, values in self.outputs.items()}
+        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise MalformedEvent(f"request {self.event_id}: body not readable: {exc!r}") from exc
+        if any(len(column) != self.rows for column in (*inputs.values(), *outputs.values())):
+            raise MalformedEvent(f"request {self.event_id}: columns are not all {self.rows} rows long")
+        rows = range(self.rows)
         return [
             self._event(
                 row,
                 {name: column[row] for name, column in inputs.items()},
                 {name: column[row] for name, column in outputs.items()},
             )
-            for row in (sorted(rows, key=str) if len(rows) > 10 else rows)
+            for row in (sorted(rows, key=str) if self.rows > 10 else rows)
         ]
 
     def _event(
@@ -146,141 +195,48 @@ class InferenceRequest:
             row, inputs, outputs, self.latency_ms, status, error,
         )  # fmt: skip
 
-    def header(self) -> tuple[str, int, str, str, str, str, int]:
-        """What a store indexes: (event_id, ts_ms, model, version, role, request_id, rows)."""
-        return (self.event_id, self.ts_ms, self.model, self.version, self.role, self.request_id, self.rows)
 
-    def payload(self) -> bytes:
-        """The rest, encoded once (orjson, arrays as they are): latency, columns, status."""
-        return orjson.dumps(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "latency_ms": self.latency_ms,
-                "inputs": self.inputs,
-                "outputs": self.outputs,
-                "status": self.status,
-                "error": self.error,
-            },
-            default=plain,
-            option=orjson.OPT_SERIALIZE_NUMPY,
-        )
-
-    def logged(self) -> LoggedRequest:
-        return LoggedRequest(*self.header(), self.payload())
-
-    @classmethod
-    def from_logged(cls, logged: LoggedRequest) -> InferenceRequest:
-        """Header and payload back together; anything that does not fit raises MalformedEvent."""
-        try:
-            if logged.body.startswith(b"["):  # an answered request, as the model server logs it
-                data = _answered_fields(logged.body)
-            else:
-                data = orjson.loads(logged.body)
-            version = int(data.get("schema_version", 0))
-            if version != SCHEMA_VERSION:
-                raise MalformedEvent(f"schema_version {version} is not {SCHEMA_VERSION}")
-            if "request" in data:  # an answered request logged as its body
-                data["inputs"] = request_columns(data["request"], data["protocol"], data["row_input"])
-            request = cls(
-                event_id=str(logged.event_id),
-                ts_ms=int(logged.ts_ms),
-                model=str(logged.model),
-                version=str(logged.version),
-                role=str(logged.role),
-                request_id=str(logged.request_id),
-                latency_ms=float(data["latency_ms"]),
-                inputs=dict(data["inputs"]),
-                outputs=dict(data["outputs"]),
-                status=str(data.get("status", "ok")),
-                error=data.get("error"),
-            )
-            if request.status not in STATUSES:
-                raise MalformedEvent(f"status {request.status!r} is not one of {STATUSES}")
-            if request.status == "ok":
-                columns = [*request.inputs.values(), *request.outputs.values()]
-                if any(len(column) != logged.rows for column in columns):
-                    raise MalformedEvent(f"columns are not all {logged.rows} rows long")
-        except MalformedEvent:
-            raise
-        except (orjson.JSONDecodeError, AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-            raise MalformedEvent(f"not an inference request: {exc!r}") from exc
-        return request
-
-
-# An answered request, as the model server logs it and the embedded store keeps it (a payload):
-#   JSON [schema_version, ts_s, latency_s, rows, model, version, role, request_id, protocol,
-#         row_input, outputs] + b"\t" + the request body as the client sent it (V1 or V2 JSON)
-# The model server makes it with one orjson call on its request path (serving.logger; the same
-# as answered_payload) and never encodes the inputs it decoded: a reader takes the columns out of
-# the body (request_columns). ``row_input`` names the input V1 rows of plain values belong to
-# (None if there is none); ts_s is epoch seconds, latency_s seconds. orjson escapes tabs, so the
-# first tab ends the head. The head's first fields are numbers and its strings come next, so the
-# log writer finds the time, rows and model of a whole hand-over with one regular expression
-# (ANSWERED_HEAD) instead of a parse per request. (Earlier layouts are still read: the same head
-# without ``rows``, and a JSON object with the body under "request".)
-ANSWERED_HEAD = re.compile(
-    rb'\na\[%d,(-?[0-9][0-9.eE+-]*),[^,]*,([0-9]+),("[^"\\]*"),' % SCHEMA_VERSION
-)  # after a newline: b"a" (a pipe line, see serving.logger) + the head, to its model
-
-
-def answered_payload(
-    ts_s: float,
-    latency_s: float,
-    model: str,
-    version: str,
-    role: str,
-    request_id: str,
-    protocol: str,
-    body: bytes,
-    row_input: str | None,
-    outputs: Mapping[str, Any],
-) -> bytes:
-    """The payload of an answered request (the layout above)."""
-    rows = len(next(iter(outputs.values()), ()))
-    head = (
-        SCHEMA_VERSION,
-        ts_s,
-        latency_s,
-        rows,
-        model,
-        version,
-        role,
-        request_id,
-        protocol,
-        row_input,
-        outputs,
-    )
-    return b"%b\t%b" % (orjson.dumps(head, default=plain, option=orjson.OPT_SERIALIZE_NUMPY), body)
-
-
-def logged_answer(event_id: str, payload: bytes) -> LoggedRequest:
-    """The request a store keeps for an answered request's payload; MalformedEvent if it is none."""
+def decode_request(event_id: str, payload: bytes) -> LoggedRequest:
+    """The request of a logged request's bytes (one line, no newline); MalformedEvent if it is none."""
     try:
-        head = orjson.loads(payload[: payload.index(b"\t")])
-        if len(head) == 11:
-            _, ts_s, _, rows, model, version, role, request_id, _, _, _ = head
-        else:  # the head before it held the rows
-            _, ts_s, _, model, version, role, request_id, _, _, outputs = head
-            first = next(iter(outputs.values()))
-            rows = len(first) if isinstance(first, list) else 1
-        if type(rows) is not int:
-            raise TypeError(f"rows {rows!r}")
-        return LoggedRequest(event_id, int(ts_s * 1000), model, version, role, request_id, rows, payload)
-    except (orjson.JSONDecodeError, AttributeError, StopIteration, TypeError, ValueError) as exc:
-        raise MalformedEvent(f"not an answered request: {exc!r}") from exc
-
-
-def _answered_fields(payload: bytes) -> dict[str, Any]:
-    head, body = payload.split(b"\t", 1)
-    version, _, latency_s, *_, protocol, row_input, outputs = orjson.loads(head)
-    return {
-        "schema_version": version,
-        "latency_ms": round(latency_s * 1000, 3),
-        "protocol": protocol,
-        "row_input": row_input,
-        "request": orjson.loads(body),
-        "outputs": outputs,
-    }
+        tab = payload.index(b"\t")
+        head = orjson.loads(payload[:tab])
+        (
+            schema,
+            ts_s,
+            latency_s,
+            rows,
+            model,
+            version,
+            role,
+            request_id,
+            protocol,
+            row_input,
+            outputs,
+            error,
+        ) = head
+        if schema != SCHEMA_VERSION:
+            raise MalformedEvent(f"request {event_id}: schema_version {schema!r} is not {SCHEMA_VERSION}")
+        strings = (model, version, role, request_id)
+        if (
+            type(rows) is not int
+            or rows < 1
+            or not all(isinstance(value, str) for value in strings)
+            or protocol not in PROTOCOLS
+            or not (row_input is None or isinstance(row_input, str))
+            or not isinstance(outputs, dict)
+            or not (error is None or isinstance(error, str))
+            or not (error is None or rows == 1)
+        ):
+            raise TypeError(f"head {head!r}")
+        return LoggedRequest(
+            event_id, int(float(ts_s) * 1000), model, version, role, request_id, rows,
+            round(float(latency_s) * 1000, 3), protocol, row_input, outputs, error, payload[tab + 1 :],
+        )  # fmt: skip
+    except MalformedEvent:
+        raise
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise MalformedEvent(f"request {event_id}: not a logged request: {exc!r}") from exc
 
 
 def request_columns(body: Mapping[str, Any], protocol: str, row_input: str | None) -> dict[str, list[Any]]:
@@ -319,34 +275,15 @@ def _cut(flat: list[Any], shape: list[int]) -> list[Any]:
     return [_cut(flat[start : start + size], shape[1:]) for start in range(0, len(flat), size)]
 
 
-class LoggedRequest(NamedTuple):
-    """A request encoded once by the model server: the columns a store indexes, and the payload.
+class RequestBatch(NamedTuple):
+    """Logged requests with consecutive event ids, one per line: ``body`` is their lines, each
+    ending in a newline, and request ``i`` has the event id ``source`` + hex(``first`` + i).
 
-    The field order is the embedded store's column order: it inserts these tuples as they are.
+    Made without a parse per request (``scan``: one regular expression over all the lines for
+    their times, rows and models), so a store can keep it as one record; read by ``requests``.
     """
 
-    event_id: str
-    ts_ms: int
-    model: str
-    version: str
-    role: str
-    request_id: str
-    rows: int
-    body: bytes  # InferenceRequest.payload()
-
-    def events(self) -> list[InferenceEvent]:
-        return InferenceRequest.from_logged(self).events()
-
-
-class AnsweredBatch(NamedTuple):
-    """Answered requests handed over together, kept as they came: the lines of one hand-over (or a
-    run of it), b"a" + payload + b"\n" each, whose event ids are ``source`` + hex(``first`` + i).
-
-    The log writer stores a hand-over as one record (``scan``: one regular expression over it for
-    its times, rows and models, no parse per request); a reader expands it (``requests``).
-    """
-
-    source: str  # the event ids' prefix: one model server process
+    source: str  # the event ids' prefix (one model server process)
     first: int
     count: int  # requests (lines)
     rows: int  # events
@@ -356,19 +293,18 @@ class AnsweredBatch(NamedTuple):
     body: bytes
 
     @classmethod
-    def scan(cls, source: str, first: int, lines: bytes) -> AnsweredBatch | None:
-        """The batch of ``lines`` (each b"a" + an answered payload + b"\n"); None if a line's head
-        is not of the current layout (the caller reads those one by one)."""
-        found = ANSWERED_HEAD.findall(b"\n" + lines[:-1])  # every line starts after a newline
+    def scan(cls, source: str, first: int, lines: bytes) -> RequestBatch | None:
+        """The batch of ``lines``; None if there are none, or a line's head does not fit the layout."""
+        found = REQUEST_HEAD.findall(lines)
         count = lines.count(b"\n")
-        if len(found) != count or not count:
+        if not count or len(found) != count or not lines.endswith(b"\n"):
             return None
         times = [int(float(ts) * 1000) for ts, _, _ in found]
         try:
             models = tuple(sorted({orjson.loads(model) for model in {m for _, _, m in found}}))
         except orjson.JSONDecodeError:
             return None
-        rows = sum(map(int, (r for _, r, _ in found)))
+        rows = sum(int(r) for _, r, _ in found)
         return cls(source, first, count, rows, min(times), max(times), models, lines)
 
     def event_id(self, index: int) -> str:
@@ -378,28 +314,14 @@ class AnsweredBatch(NamedTuple):
         """Its requests in order; None for a line that is not one (it keeps its place, and id)."""
         for index, line in enumerate(self.body.split(b"\n")[: self.count]):
             try:
-                yield logged_answer(self.event_id(index), line[1:])
+                yield decode_request(self.event_id(index), line)
             except MalformedEvent:
                 yield None
 
-    def part(self, start: int, stop: int) -> AnsweredBatch | None:
+    def part(self, start: int, stop: int) -> RequestBatch | None:
         """Its requests ``start`` to ``stop`` (indices), as a batch of their own."""
         lines = self.body.split(b"\n")[start:stop]
-        return AnsweredBatch.scan(self.source, self.first + start, b"".join(line + b"\n" for line in lines))
-
-
-def batch_requests(batches: Iterable[AnsweredBatch]) -> tuple[list[LoggedRequest], list[str]]:
-    """The requests of batches, and "<event id>: why" for each line of them that is not one (a
-    store that writes them as requests refuses those, counted, instead of losing them unsaid)."""
-    requests: list[LoggedRequest] = []
-    unreadable: list[str] = []
-    for batch in batches:
-        for index, request in enumerate(batch.requests()):
-            if request is None:
-                unreadable.append(f"{batch.event_id(index)}: not an answered request")
-            else:
-                requests.append(request)
-    return requests, unreadable
+        return RequestBatch.scan(self.source, self.first + start, b"".join(line + b"\n" for line in lines))
 
 
 def _column(values: Any) -> list[Any]:
@@ -422,27 +344,45 @@ def plain(value: Any) -> Any:
     raise TypeError(f"cannot log a {type(value).__name__}")
 
 
+# --- labels ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Feedback:
-    """A ground-truth label for one predicted row, joined to its event by (request_id, row)."""
+    """A ground-truth label for one predicted row, joined to its event by (request_id, row).
+
+    A store keeps the first label of a (request_id, row); ``overwrite`` replaces one already there.
+    """
 
     request_id: str
     row: int
     label: Any
     ts_ms: int = field(default_factory=lambda: now_ms())
+    overwrite: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.request_id}:{self.row}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "row": self.row, "label": self.label, "ts_ms": self.ts_ms}
+        return {
+            "request_id": self.request_id,
+            "row": self.row,
+            "label": self.label,
+            "ts_ms": self.ts_ms,
+            "overwrite": self.overwrite,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Feedback:
         try:
-            return cls(str(data["request_id"]), int(data["row"]), data["label"], int(data["ts_ms"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            overwrite = data.get("overwrite", False)
+            if not isinstance(overwrite, bool):
+                raise TypeError(f"overwrite {overwrite!r}")
+            return cls(
+                str(data["request_id"]), int(data["row"]), data["label"], int(data["ts_ms"]), overwrite
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"not a feedback record: {exc!r}") from exc
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from common.errors import InvalidInput, ModelNotFound
 from serving.signature import Signature, from_mlflow
+from serving.sources import inside
 from serving.transformer import METADATA_KEY, Transformer
 
 
@@ -39,10 +40,12 @@ def read_bundle(path: Path) -> Bundle:
     except yaml.YAMLError as exc:
         raise InvalidInput(f"'{mlmodel_path}' is not valid YAML: {exc}") from exc
     flavors = mlmodel.get("flavors") or {}
+    if not isinstance(flavors, dict):
+        raise InvalidInput(f"'{mlmodel_path}': flavors must be a mapping, got {flavors!r}")
     if "onnx" in flavors:
-        flavor, model_file = "onnx", path / flavors["onnx"].get("data", "model.onnx")
+        flavor, model_file = "onnx", _named(path, flavors["onnx"], "data", "model.onnx")
     elif "pytorch" in flavors:
-        data = path / flavors["pytorch"].get("model_data", "data")
+        data = _named(path, flavors["pytorch"], "model_data", "data")
         exported = data / "model.pt2"
         flavor, model_file = (
             ("torch_export", exported) if exported.is_file() else ("torchscript", data / "model.pth")
@@ -67,6 +70,14 @@ def read_bundle(path: Path) -> Bundle:
         signature=signature,
         transformer=Transformer.from_spec(spec) if spec else None,
     )
+
+
+def _named(folder: Path, flavor: Any, key: str, default: str) -> Path:
+    """The file or folder a flavor names, which must lie inside the model's folder."""
+    name = flavor.get(key, default) if isinstance(flavor, dict) else default
+    if not isinstance(name, str):
+        raise InvalidInput(f"'{folder / 'MLmodel'}': {key} must be a path, got {name!r}")
+    return inside(folder, name, f"'{folder / 'MLmodel'}': {key}")
 
 
 def _sha256(path: Path) -> str:

@@ -15,7 +15,6 @@ to kserve's own application, which sees each model through ``deployments.RoutedM
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import re
@@ -26,13 +25,21 @@ from typing import Any
 
 import orjson
 
-from common.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
-from monitoring.events import Feedback, InferenceRequest
+from common.errors import (
+    BackendRefused,
+    BackendUnavailable,
+    InvalidInput,
+    MLOpsError,
+    ModelNotFound,
+    ModelNotReady,
+)
+from monitoring.events import Feedback
+from monitoring.logstore import LogStore
 from serving import metrics
 from serving.auth import token_matches
 from serving.deployments import Deployments, Loaded
 from serving.explain import explain
-from serving.logger import InferenceLogger
+from serving.logger.client import InferenceLogger
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,17 @@ class AdminDisabled(MLOpsError):
     pass
 
 
+class Conflict(MLOpsError):
+    pass
+
+
 # The one table from errors to HTTP status codes.
 HTTP_STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
     (InvalidInput, 400),
     (Unauthorized, 401),
     (ModelNotFound, 404),
+    (Conflict, 409),
     (ModelNotReady, 503),
     (BackendUnavailable, 503),
     (AdminDisabled, 503),
@@ -91,16 +103,19 @@ class Front:
         admin_token: str | None,
         max_body_bytes: int,
         logger: InferenceLogger | None = None,
+        feedback_token: str | None = None,
+        labels: LogStore | None = None,
+        shadow_max_pending: int = 256,
     ) -> None:
         self.fallback = fallback
         self.logger = logger
         self.deployments = deployments
         self.admin_token = admin_token
         self.max_body_bytes = max_body_bytes
+        self.feedback_token = feedback_token  # None: anyone on the (loopback) network may send labels
+        self.labels = labels  # the log store, read to refuse a second label for a row
+        self.shadow_max_pending = shadow_max_pending
         self._random = random.Random()
-        # Event ids: unique per process start (random prefix) and cheap per request (a counter).
-        self._id_prefix = uuid.uuid4().hex[:12]
-        self._ids = itertools.count()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -168,7 +183,7 @@ class Front:
                     "request_id": request_id,
                 }
             if shadow is not None:
-                self._mirror(shadow, inputs, request_id)
+                self._mirror(shadow, inputs, request_id, protocol, raw, decoder.row_input)
             response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
             ended = time.perf_counter()  # one clock read for the log and the latency metric
             if self.logger is not None and protocol != "explain":
@@ -186,7 +201,9 @@ class Front:
             if answered is not None:
                 metrics.requests(name, version, role, protocol, str(code)).inc()
                 if self.logger is not None and protocol != "explain":
-                    self._log(answered, role, request_id, started, {}, {}, error=_message(exc, code))
+                    self.logger.failed(
+                        started, answered.model.name, version, role, request_id, protocol, _message(exc, code)
+                    )
             await _respond(
                 send, code, {"error": _message(exc, code)}, request_id, version, role if answered else ""
             )
@@ -196,22 +213,47 @@ class Front:
         await _send(send, 200, response, request_id, answered.version, role)
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Ground-truth labels, later: ``{"request_id": ..., "labels": [one per row]}`` (or ``"label"``)."""
+        """Ground-truth labels, later: ``{"request_id": ..., "labels": [one per row]}`` (or
+        ``"label"``); a row keeps its first label unless the body says ``"overwrite": true``."""
         headers = dict(scope["headers"])
         try:
             if self.logger is None:
                 raise AdminDisabled(
                     "the inference log is off here (MLOPS_LOGS__ENABLED=false): no labels to join"
                 )
+            if self.feedback_token is not None and not token_matches(
+                self.feedback_token, _text(headers.get(b"authorization"))
+            ):
+                raise Unauthorized("missing or wrong feedback token (Authorization: Bearer <token>)")
             body = _parse(await self._read_body(scope, receive, headers))
             items = _feedback_items(body)
+            if not items[0].overwrite and self.labels is not None:
+                rows = await asyncio.get_running_loop().run_in_executor(None, self._labelled_rows, items)
+                if rows:
+                    raise Conflict(
+                        f"request '{items[0].request_id}' row(s) {rows} have a label already;"
+                        ' send "overwrite": true to replace it'
+                    )
             if not self.logger.feedback(items):
                 raise BackendUnavailable("the inference log is saturated; retry shortly")
         except Exception as exc:
             code = status_for(exc)
+            metrics.FEEDBACK.labels(str(code)).inc()
             await _respond(send, code, {"error": _message(exc, code)}, "", "", "")
             return
+        metrics.FEEDBACK.labels("202").inc()
         await _respond(send, 202, {"accepted": len(items)}, "", "", "")
+
+    def _labelled_rows(self, items: list[Feedback]) -> list[int]:
+        """The rows of these labels that have one stored already (none known if the store is away:
+        the writer's store keeps the first label all the same)."""
+        assert self.labels is not None
+        try:
+            stored = self.labels.labels([(item.request_id, item.row) for item in items])
+        except (BackendUnavailable, BackendRefused) as exc:
+            log.warning("feedback: could not read the labels already stored: %s", exc)
+            return []
+        return sorted(row for _, row in stored)
 
     async def _metadata(self, send: Send, name: str) -> None:
         """V2 model metadata, with the versions loaded and the provider that computes."""
@@ -256,45 +298,35 @@ class Front:
         )
         return {**result, "model_version": model.version}
 
-    def _log(
+    def _mirror(
         self,
-        answered: Loaded,
-        role: str,
-        request_id: str,
-        started: float,
+        shadow: Loaded,
         inputs: dict[str, Any],
-        outputs: dict[str, Any],
-        error: str | None = None,
+        request_id: str,
+        protocol: str,
+        body: bytes,
+        row_input: str | None,
     ) -> None:
-        assert self.logger is not None
-        self.logger.log(
-            InferenceRequest(
-                event_id=f"{self._id_prefix}{next(self._ids):x}",
-                ts_ms=time.time_ns() // 1_000_000,
-                model=answered.model.name,
-                version=answered.version,
-                role=role,
-                request_id=request_id,
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
-                inputs=inputs,
-                outputs=outputs,
-                status="ok" if error is None else "error",
-                error=error,
-            )
-        )
-
-    def _mirror(self, shadow: Loaded, inputs: dict[str, Any], request_id: str) -> None:
-        """Shadow mode: the canary computes the same inputs; its answer is logged, not returned."""
+        """Shadow mode: the canary computes the same inputs; its answer is logged, not returned. At
+        most ``shadow_max_pending`` wait at a time: past that a mirrored request is dropped (counted),
+        so a slow shadow never builds a backlog, and stable's answers never wait for it."""
+        name, version = shadow.model.name, shadow.version
+        if len(self._shadow_tasks) >= self.shadow_max_pending:
+            metrics.SHADOW_DROPPED.labels(name, version).inc()
+            return
 
         async def run() -> None:
             started = time.perf_counter()
             try:
                 outputs = await shadow.batcher.submit(inputs)
             except Exception:
-                metrics.SHADOW_FAILURES.labels(shadow.model.name, shadow.version).inc()
+                metrics.SHADOW_FAILURES.labels(name, version).inc()
                 return
             if self.logger is not None:
-                self._log(shadow, "shadow", request_id, started, inputs, outputs)
+                self.logger.answered(
+                    started, time.perf_counter(), name, version, "shadow", request_id, protocol, body, row_input,
+                    outputs,
+                )  # fmt: skip
 
         task = asyncio.get_running_loop().create_task(run())
         self._shadow_tasks.add(task)
@@ -385,7 +417,10 @@ def _feedback_items(body: Any) -> list[Feedback]:
         raise InvalidInput("field 'labels' (one per row) or 'label' is required")
     if any(label is None for label in labels):
         raise InvalidInput("a label must not be null")
-    return [Feedback(request_id, row, label) for row, label in enumerate(labels)]
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InvalidInput(f"field 'overwrite' must be true or false, got {overwrite!r}")
+    return [Feedback(request_id, row, label, overwrite=overwrite) for row, label in enumerate(labels)]
 
 
 def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...]) -> Any:

@@ -29,6 +29,12 @@ BATCH_ROWS = Histogram(
 SHADOW_FAILURES = Counter(
     "mlops_shadow_failures_total", "Mirrored requests the shadow version failed", ["model", "version"]
 )
+SHADOW_DROPPED = Counter(
+    "mlops_shadow_dropped_total",
+    "Mirrored requests dropped: the shadow version had MLOPS_SERVING__SHADOW_MAX_PENDING waiting",
+    ["model", "version"],
+)
+FEEDBACK = Counter("mlops_feedback_requests_total", "POST /v1/feedback requests, by status code", ["code"])
 UNKNOWN_CATEGORIES = Counter(
     "mlops_unknown_categories_total",
     "Raw categorical values a version's transformer had never seen",

@@ -92,16 +92,25 @@ def run_model_server(
 
 def serve(settings: Settings) -> None:
     """The stack's model server: the fast front, deployments restored from the state file."""
-    from serving.auth import admin_token
+    from serving.auth import admin_token, feedback_token
     from serving.deployments import Deployments
     from serving.http import Front
 
     token = admin_token(settings)
     holder: dict[str, Deployments] = {}
-    logger = inference_logger(settings) if settings.logs.enabled else None
+    logger, labels = inference_log(settings) if settings.logs.enabled else (None, None)
 
     def wrap(app: ASGIApp) -> ASGIApp:
-        return Front(app, holder["deployments"], token, settings.serving.max_body_bytes, logger)
+        return Front(
+            app,
+            holder["deployments"],
+            token,
+            settings.serving.max_body_bytes,
+            logger,
+            feedback_token=feedback_token(settings),
+            labels=labels,
+            shadow_max_pending=settings.serving.shadow_max_pending,
+        )
 
     async def on_start(repository: Any) -> None:
         deployments = holder["deployments"]
@@ -124,19 +133,18 @@ def serve(settings: Settings) -> None:
     )
 
 
-def inference_logger(settings: Settings) -> Any:
-    """The logger, with its writer process (same settings, from the same environment)."""
+def inference_log(settings: Settings) -> tuple[Any, Any]:
+    """The logger, with its writer process (same settings, from the same environment), and the
+    store for the server's own reads (the labels already stored, for POST /v1/feedback)."""
     from monitoring.logstore import get_log_store
-    from serving.logger import InferenceLogger
+    from serving.logger.client import InferenceLogger
 
-    get_log_store(settings.log_store_url, **settings.log_store_options()).close()  # a bad URL fails here, now
+    store = get_log_store(settings.log_store_url, **settings.log_store_options())  # a bad URL fails here, now
     logging.getLogger("serving").info("inference log: %s", settings.log_store_url)
-    return InferenceLogger(
-        [sys.executable, "-m", "serving.logger"],
-        settings.logs.queue_events,
-        settings.logs.flush_ms,
-        native=settings.logs.lines == "c",
+    logger = InferenceLogger(
+        [sys.executable, "-m", "serving.logger"], settings.logs.queue_events, settings.logs.flush_ms
     )
+    return logger, store
 
 
 def main() -> int:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -37,18 +38,25 @@ def fetch(uri: str, cache_dir: Path, tracking_uri: str) -> Path:
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
     if (target / _DONE).exists():
         return target
-    shutil.rmtree(target, ignore_errors=True)
-    staging = target.with_suffix(".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if parsed.scheme == "s3":
-        _from_s3(parsed.netloc, parsed.path.lstrip("/"), staging, uri)
-    else:
-        _from_mlflow(uri, staging, tracking_uri)
-    root = _model_root(staging, uri)
-    root.rename(target) if root == staging else shutil.move(str(root), str(target))
-    shutil.rmtree(staging, ignore_errors=True)
-    (target / _DONE).write_text(uri + "\n")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One fetch of a URI at a time (threads of this server, or other processes sharing the cache):
+    # the others wait for it, then find it done.
+    with open(target.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _DONE).exists():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        staging = target.with_suffix(".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if parsed.scheme == "s3":
+            _from_s3(parsed.netloc, parsed.path.lstrip("/"), staging, uri)
+        else:
+            _from_mlflow(uri, staging, tracking_uri)
+        root = _model_root(staging, uri)
+        root.rename(target) if root == staging else shutil.move(str(root), str(target))
+        shutil.rmtree(staging, ignore_errors=True)
+        (target / _DONE).write_text(uri + "\n")
     return target
 
 
@@ -79,16 +87,20 @@ def _from_s3(bucket: str, prefix: str, staging: Path, uri: str) -> None:
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     client = boto3.client("s3", endpoint_url=endpoint)
+    folder = prefix.rstrip("/")  # "models/1" holds models/1/..., not models/10/...
     try:
         found = 0
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                relative = item["Key"][len(prefix) :].lstrip("/")
+                key = item["Key"]
+                if folder and not key.startswith(folder + "/"):
+                    continue
+                relative = key[len(folder) + 1 :] if folder else key
                 if not relative or relative.endswith("/"):
                     continue
-                destination = staging / relative
+                destination = inside(staging, relative, f"model uri '{uri}': object key '{key}'")
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, item["Key"], str(destination))
+                client.download_file(bucket, key, str(destination))
                 found += 1
     except ClientError as exc:
         raise ModelNotFound(f"model uri '{uri}': {exc}") from exc
@@ -96,6 +108,15 @@ def _from_s3(bucket: str, prefix: str, staging: Path, uri: str) -> None:
         raise BackendUnavailable(f"S3 ({endpoint or 'AWS'}) is unreachable for '{uri}': {exc}") from exc
     if not found:
         raise ModelNotFound(f"model uri '{uri}': no objects under that prefix")
+
+
+def inside(folder: Path, relative: str, what: str) -> Path:
+    """``folder / relative``, refused (InvalidInput naming ``what``) unless it resolves inside
+    ``folder``: an absolute path, ``..`` or a link out of it would read or write anywhere."""
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise InvalidInput(f"{what} points outside '{folder}': {relative!r}")
+    return path
 
 
 def _model_root(staging: Path, uri: str) -> Path:

@@ -72,7 +72,7 @@ def running(
 
 
 def model_server(
-    state_dir: Path, token: str = "test-token", **settings: str
+    state_dir: Path, token: str = "test-admin-token-000", **settings: str
 ) -> contextlib.AbstractContextManager[Server]:
     port = free_port()
     env = mlops_env(
@@ -106,7 +106,7 @@ def mlflow_server(tmp: Path) -> contextlib.AbstractContextManager[Server]:
 class Admin:
     """The admin API, as a test calls it."""
 
-    def __init__(self, url: str, token: str = "test-token") -> None:
+    def __init__(self, url: str, token: str = "test-admin-token-000") -> None:
         self.http = httpx.Client(
             base_url=url + "/admin/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=60
         )

@@ -8,6 +8,7 @@ built here, so the local stack and the containers cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 
 from common.errors import ConfigError
 from common.settings import Settings, env_name
@@ -199,7 +201,10 @@ def _airflow(settings: Settings) -> Component:
 
     def prepare() -> None:
         home.mkdir(parents=True, exist_ok=True)
-        if settings.airflow.admin_password:
+        # Airflow writes the passwords it generates into this file, in place: made private first.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(admin_password_file(home), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if settings.airflow.admin_password is not None:
             _write_admin_password(home, settings.airflow.admin_user, settings.airflow.admin_password)
 
     common = {
@@ -253,25 +258,37 @@ def admin_password_file(airflow_home: Path) -> Path:
     return airflow_home / "simple_auth_manager_passwords.json.generated"
 
 
-def _write_admin_password(home: Path, user: str, password: str) -> None:
+def _write_admin_password(home: Path, user: str, password: SecretStr) -> None:
+    """Set the admin's password in Airflow's password file, which is created private (0600) and
+    replaced whole, so it is never readable by others, not even for a moment."""
     path = admin_password_file(home)
     passwords = json.loads(path.read_text() or "{}") if path.exists() else {}
-    passwords[user] = password
-    path.write_text(json.dumps(passwords) + "\n")
-    path.chmod(0o600)
+    passwords[user] = password.get_secret_value()
+    staged = path.with_name(path.name + ".tmp")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(passwords) + "\n")
+    os.replace(staged, path)
 
 
 def airflow_login(settings: Settings) -> dict[str, str] | None:
-    """The admin login for the Airflow UI, once Airflow has written it; None before that."""
-    path = admin_password_file(settings.airflow_home)
+    """Where to log in to the Airflow UI, and the file that holds the password (never the password
+    itself: results are printed and kept in logs); None until Airflow has written it."""
+    if airflow_password(settings) is None:
+        return None
+    file = admin_password_file(settings.airflow_home)
+    return {"url": settings.airflow_url, "user": settings.airflow.admin_user, "password_file": str(file)}
+
+
+def airflow_password(settings: Settings) -> SecretStr | None:
+    """The Airflow admin's password, once Airflow has written it (for our own REST calls)."""
     try:
-        passwords = json.loads(path.read_text())
+        passwords = json.loads(admin_password_file(settings.airflow_home).read_text())
     except (OSError, ValueError):
         return None
-    user = settings.airflow.admin_user
-    if user not in passwords:
-        return None
-    return {"url": settings.airflow_url, "user": user, "password": passwords[user]}
+    password = passwords.get(settings.airflow.admin_user) if isinstance(passwords, dict) else None
+    return SecretStr(password) if isinstance(password, str) else None
 
 
 # --- Serving ------------------------------------------------------------------------------------

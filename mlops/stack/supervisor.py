@@ -435,7 +435,8 @@ class Supervisor:
         return self.log_dir / f"{service.name}.log"
 
     def _open_log(self, service: Service):
-        log = self._log_path(service).open("ab")
+        # Private: a service may write secrets there (Airflow prints the passwords it generates).
+        log = os.fdopen(os.open(self._log_path(service), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         log.write(f"\n=== mlops stack: starting {service.name} at {time.ctime()}\n".encode())
         log.flush()
         return log

@@ -1,12 +1,12 @@
 """Where inference events live: one interface, backends chosen by URL.
 
 URLs may end in ``?timeout_ms=N``: how long one request may take before the store counts as away
-(and the model server's logger spools).
+(and the model server's log writer spools).
 
 - ``sqlite:///path/to/inference.db``: the embedded default. SQLite in WAL mode: one process
-  writes (the model server) while others read (Airflow tasks, ``mlops logs``), and a committed
-  batch survives a crash of the writer. It keeps whole hand-overs of requests and expands them to
-  rows on read.
+  writes (the model server's log writer) while others read (Airflow tasks, ``mlops logs``), and a
+  committed batch survives a crash of the writer. It keeps each batch of logged requests as one
+  record and expands it to rows on read.
 - ``elasticsearch://host:9200`` (``elasticsearch+https://``): Elasticsearch 8/9 with the official
   ``elasticsearch`` client: index template with explicit mappings, ILM retention, daily indices.
 - ``opensearch://host:9200`` (``opensearch+https://``): the OpenSearch flavour through
@@ -23,14 +23,14 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from common.errors import ConfigError
-from monitoring.events import AnsweredBatch, Feedback, InferenceEvent, Labelled, LoggedRequest
+from monitoring.events import Feedback, InferenceEvent, Labelled, RequestBatch
 
 
 @dataclass(frozen=True)
 class WriteResult:
-    written: int  # new events stored
-    duplicates: int  # already stored (a replay): kept as they were
-    rejected: list[str]  # event ids the store refused, with the reason
+    written: int  # new events (or labels) stored
+    duplicates: int  # already stored (a replay, or a label already there): kept as they were
+    rejected: list[str]  # what the store refused, one "<event id>: <reason>" each
 
 
 @dataclass
@@ -44,9 +44,13 @@ class LogStore(Protocol):
     """The inference log.
 
     Events are keyed by ``event_id``: writing an id that is already stored keeps the stored event
-    and counts a duplicate, so a batch replayed after an outage never doubles anything. A write
-    either stores the whole batch (but for ids the store rejects, reported one by one) or raises
-    ``BackendUnavailable`` having stored nothing the caller must not write again.
+    and counts a duplicate, so a batch replayed after an outage never doubles anything.
+
+    A write either stores the whole batch (but for what the store rejects, reported one by one in
+    the result) or raises: ``BackendUnavailable`` when the store does not answer or says "later"
+    (the caller keeps the batch and tries again), ``BackendRefused`` when it answered and will not
+    take it (bad credentials, a corrupt database: trying again will not help). Either way it has
+    stored nothing the caller must not write again.
 
     Reads select one model's events in the half-open window ``[start_ms, end_ms)`` (epoch ms),
     optionally one version and one role, in (ts_ms, event_id) order, and page through any number
@@ -55,23 +59,30 @@ class LogStore(Protocol):
 
     url: str
 
-    def write(self, events: Sequence[InferenceEvent]) -> WriteResult: ...
-
-    def write_requests(self, requests: Sequence[LoggedRequest]) -> WriteResult:
-        """Store whole requests as the model server encoded them: each row is the event
-        ``<event_id>-<row>``, and the result counts events, as ``write`` does. The embedded store
-        keeps the body unread (one that turns out malformed is skipped and counted on read);
-        the search stores expand it to documents and reject it by its event id."""
+    def write(self, events: Sequence[InferenceEvent]) -> WriteResult:
+        """Store single events, each under its own ``event_id``."""
         ...
 
-    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
-        """Store hand-overs of answered requests (their event ids are ``<event_id>-<row>`` as for
-        ``write_requests``), counted in events. The embedded store keeps each as one record, read
-        when queried; the search stores expand them to documents."""
+    def write_requests(self, batches: Sequence[RequestBatch]) -> WriteResult:
+        """Store batches of logged requests; request ``i`` of a batch holds the events
+        ``<batch.event_id(i)>-<row>``, and the result counts events. The embedded store keeps each
+        batch as one record, its requests unread (one that turns out malformed is skipped and
+        counted on read); the search stores expand them to documents and reject a request that
+        cannot be read by its event id."""
         ...
 
-    def write_feedback(self, feedback: Sequence[Feedback]) -> int:
-        """Store labels (the last label for a (request_id, row) wins); returns how many."""
+    def write_feedback(self, feedback: Sequence[Feedback]) -> WriteResult:
+        """Store labels: the first label of a (request_id, row) stays unless the new one says
+        ``overwrite`` (a label kept so is counted in ``duplicates``)."""
+        ...
+
+    def labels(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+        """The stored labels of these (request_id, row) keys (keys without one are left out)."""
+        ...
+
+    def known_requests(self, request_ids: Sequence[str], since_ms: int) -> set[str]:
+        """Which of these request ids have events, looking back at least to ``since_ms`` (a store
+        may look further: the search stores look at everything)."""
         ...
 
     def query(

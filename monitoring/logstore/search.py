@@ -25,16 +25,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from common.errors import BackendUnavailable, ConfigError
-from monitoring.events import (
-    AnsweredBatch,
-    Feedback,
-    InferenceEvent,
-    Labelled,
-    LoggedRequest,
-    MalformedEvent,
-    batch_requests,
-)
+from common.errors import BackendRefused, BackendUnavailable, ConfigError
+from monitoring.events import Feedback, InferenceEvent, Labelled, MalformedEvent, RequestBatch
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 log = logging.getLogger(__name__)
@@ -212,9 +204,9 @@ class _Elasticsearch:
         try:
             return call()
         except elasticsearch.ApiError as exc:
-            if exc.meta.status in (429,) or exc.meta.status >= 500:
+            if exc.meta.status == 429 or exc.meta.status >= 500:
                 raise BackendUnavailable(f"Elasticsearch: {what}: {exc}") from exc
-            raise
+            raise BackendRefused(f"Elasticsearch refused {what} ({exc.meta.status}): {exc}") from exc
         except (elasticsearch.ConnectionError, elasticsearch.TransportError) as exc:
             raise BackendUnavailable(f"Elasticsearch is unreachable ({what}): {exc}") from exc
 
@@ -231,14 +223,12 @@ class _Elasticsearch:
         self._call("index template", lambda: self._es.indices.put_index_template(name=name, **body))
 
     def put_retention(self, name: str, retention_days: int, prefix: str) -> bool:
-        import elasticsearch
-
         try:
             self._call(
                 "ILM policy", lambda: self._es.ilm.put_lifecycle(name=name, policy=ilm_policy(retention_days))
             )
-        except elasticsearch.ApiError as exc:
-            log.warning("no ILM on this server (%s): retention by `prune` only", exc.meta.status)
+        except BackendRefused as exc:
+            log.warning("no ILM on this server (%s): retention by `prune` only", exc)
             return False
         return True
 
@@ -285,7 +275,9 @@ class _OpenSearch:
             status = exc.status_code if isinstance(exc.status_code, int) else 0
             if status == 429 or status >= 500:
                 raise BackendUnavailable(f"OpenSearch: {what}: {exc}") from exc
-            raise
+            refused = BackendRefused(f"OpenSearch refused {what} ({status}): {exc}")
+            refused.status = status  # type: ignore[attr-defined]
+            raise refused from exc
 
     def bulk(self, operations: list[dict[str, Any]]) -> dict[str, Any]:
         return self._call("bulk", lambda: self._os.bulk(body=operations))
@@ -298,8 +290,6 @@ class _OpenSearch:
         self._call("index template", lambda: self._os.indices.put_index_template(name=name, body=body))
 
     def put_retention(self, name: str, retention_days: int, prefix: str) -> bool:
-        from opensearchpy import exceptions
-
         path = f"/_plugins/_ism/policies/{name}"
         try:
             self._call(
@@ -308,10 +298,10 @@ class _OpenSearch:
                     "PUT", path, body=ism_policy(retention_days, prefix)
                 ),
             )
-        except exceptions.TransportError as exc:
-            if exc.status_code == 409:  # already there
+        except BackendRefused as exc:
+            if getattr(exc, "status", None) == 409:  # already there
                 return True
-            log.warning("no ISM on this server (%s): retention by `prune` only", exc.status_code)
+            log.warning("no ISM on this server (%s): retention by `prune` only", exc)
             return False
         return True
 
@@ -387,35 +377,72 @@ class SearchLogStore:
             )
         return WriteResult(written, duplicates, rejected)
 
-    def write_requests(self, requests: Sequence[LoggedRequest]) -> WriteResult:
+    def write_requests(self, batches: Sequence[RequestBatch]) -> WriteResult:
         events: list[InferenceEvent] = []
         unreadable: list[str] = []
-        for request in requests:
-            try:
-                events += request.events()
-            except MalformedEvent as exc:
-                unreadable.append(f"{request.event_id}: {exc}")
+        for batch in batches:
+            for index, request in enumerate(batch.requests()):
+                try:
+                    if request is None:
+                        raise MalformedEvent("not a logged request")
+                    events += request.events()
+                except MalformedEvent as exc:
+                    unreadable.append(f"{batch.event_id(index)}: {exc}")
         result = self.write(events)
         return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
 
-    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
-        requests, unreadable = batch_requests(batches)
-        result = self.write_requests(requests)
-        return WriteResult(result.written, result.duplicates, unreadable + result.rejected)
-
-    def write_feedback(self, feedback: Sequence[Feedback]) -> int:
+    def write_feedback(self, feedback: Sequence[Feedback]) -> WriteResult:
+        """``create`` keeps the first label of a key (409: counted as kept), ``index`` overwrites."""
         if not feedback:
-            return 0
+            return WriteResult(0, 0, [])
         self._ensure_setup()
         ops: list[dict[str, Any]] = []
         for item in feedback:
-            ops.append({"index": {"_index": feedback_index(self.prefix), "_id": item.key}})
-            ops.append({**item.to_dict(), "label": {"value": item.label}})
-        response = self.client.bulk(ops)
-        failed = [i for i in response.get("items", []) if i.get("index", {}).get("status", 500) >= 300]
-        if failed:
-            raise BackendUnavailable(f"{self.client.flavour}: {len(failed)} labels not stored: {failed[0]}")
-        return len(feedback)
+            ops.append(
+                {
+                    "index" if item.overwrite else "create": {
+                        "_index": feedback_index(self.prefix),
+                        "_id": item.key,
+                    }
+                }
+            )
+            ops.append({"request_id": item.request_id, "row": item.row, "ts_ms": item.ts_ms, "label": {"value": item.label}})  # fmt: skip
+        written = kept = retry = 0
+        rejected: list[str] = []
+        for item in self.client.bulk(ops).get("items", []):
+            result = next(iter(item.values()), {})
+            status = result.get("status", 500)
+            if status < 300:
+                written += 1
+            elif status == 409:
+                kept += 1
+            elif status == 429 or status >= 500:
+                retry += 1
+            else:
+                reason = (result.get("error") or {}).get("reason", f"status {status}")
+                rejected.append(f"{result.get('_id')}: {reason}")
+        if retry:  # stored ones are kept, and a label written again is the same label
+            raise BackendUnavailable(
+                f"{self.client.flavour}: {retry} of {len(feedback)} labels refused for now"
+            )
+        return WriteResult(written, kept, rejected)
+
+    def labels(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+        found = self._labels([f"{request_id}:{row}" for request_id, row in keys])
+        return {key: found[f"{key[0]}:{key[1]}"] for key in keys if f"{key[0]}:{key[1]}" in found}
+
+    def known_requests(self, request_ids: Sequence[str], since_ms: int) -> set[str]:
+        """One terms aggregation over the whole log (request ids are indexed)."""
+        wanted = sorted(set(request_ids))
+        if not wanted:
+            return set()
+        body = {
+            "size": 0,
+            "query": {"terms": {"request_id": wanted}},
+            "aggs": {"ids": {"terms": {"field": "request_id", "size": len(wanted)}}},
+        }
+        response = self.client.search(events_pattern(self.prefix), body)
+        return {b["key"] for b in (response.get("aggregations") or {}).get("ids", {}).get("buckets", [])}
 
     def refresh(self) -> None:
         """Make what was written visible to searches now (else within the refresh interval)."""

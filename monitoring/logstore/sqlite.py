@@ -1,20 +1,23 @@
 """The embedded log store: SQLite in WAL mode, one writer process, any number of readers.
 
-Why SQLite: WAL lets the model server write while Airflow tasks read the same file from other
-processes (DuckDB allows no reader in another process while one has it open for writing), and a
-committed transaction survives a crash of the writer. ``synchronous=FULL`` makes it survive a
-power cut too, at one fsync per batch (the logger writes batches, so that is cheap).
+Why SQLite: WAL lets the model server's log writer write while Airflow tasks read the same file
+from other processes (DuckDB allows no reader in another process while one has it open for
+writing), and a committed transaction survives a crash of the writer. ``synchronous=FULL`` makes
+it survive a power cut too, at one fsync per batch (the writer writes batches, so that is cheap).
 
-Written in hand-overs, read in rows. Table ``batches``: a hand-over of answered requests as the
-model server wrote them (``AnsweredBatch``: its lines, the range of their event ids, their time
-range, event count and models), one insert and no decoding however many requests it holds: that
-is what keeps the log writer's CPU off the model server's cores. Table ``records``: a whole request
-(kind ``r``: the columns of its header and its payload; a failed request, one of another layout)
-or a single event written on its own (kind ``e``). A read selects the window's records by keyset
-on (ts_ms, key) and the hand-overs whose time range meets it, parses and filters the hand-overs'
-requests exactly, and merges both in (ts_ms, event id) order; a window of any size is read without
-OFFSET. An event id is stored once: records by INSERT OR IGNORE, hand-overs by the ranges of their
+Written in batches, read in rows. Table ``requests``: a batch of logged requests as the model
+server wrote them (``RequestBatch``: their lines, the range of their event ids, their time range,
+event count and models), one insert and no decoding however many requests it holds: that is what
+keeps the log writer's CPU off the model server's cores. Table ``events``: single events written
+on their own (``write``). A read selects the batches whose time range meets the window and the
+single events in it (by keyset on (ts_ms, event_id)), reads the batches' requests, filters them
+exactly and merges both in (ts_ms, event id) order; a window of any size is read without OFFSET.
+An event id is stored once: single events by INSERT OR IGNORE, batches by the ranges of their
 source already stored (a replayed batch adds nothing twice).
+
+SQLite errors are sorted once (``_failure``): a lock held too long, or a disk that is full or
+failing, is the store away (``BackendUnavailable``: the writer spools and retries); a corrupt file,
+a constraint or a schema that is not ours is a refusal (``BackendRefused``: retrying cannot help).
 """
 
 from __future__ import annotations
@@ -33,42 +36,30 @@ from urllib.parse import urlparse
 
 import orjson
 
-from common.errors import BackendUnavailable, ConfigError
+from common.errors import BackendRefused, BackendUnavailable, ConfigError, MLOpsError
 from monitoring.events import (
-    AnsweredBatch,
+    REQUEST_ID,
     Feedback,
     InferenceEvent,
     Labelled,
     LoggedRequest,
     MalformedEvent,
-    batch_requests,
+    RequestBatch,
 )
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
-PAGE = 2000  # records per read
-BATCH_PAGE = 8  # batches (hand-overs: some 2,000 requests each at 10,000 requests/s) per read
-# A batch whose requests' times lie further apart is kept as single requests: window reads look
-# back this far for a batch that began before the window.
+PAGE = 2000  # single events per read
+BATCH_PAGE = 8  # batches (some 2,000 requests each at 10,000 requests/s) per read
+# A batch whose requests' times lie further apart is kept as single-request batches: window reads
+# look back this far for a batch that began before the window.
 MAX_SPAN_MS = 600_000
-# A new file's pages: a hand-over is one record of some 200 KB to 2 MB, written a page at a time
-# to the log and again at each checkpoint; 16 KB pages took the writer's CPU for a hand-over of
-# 1.6 KB requests from 2.2 to 1.5 µs a request (4 KB, SQLite's default: files made so keep them).
+# A new file's pages: a batch is one record of some 200 KB to 2 MB, written a page at a time to the
+# log and again at each checkpoint; 16 KB pages took the writer's CPU for a batch of 1.6 KB
+# requests from 2.2 to 1.5 µs a request (SQLite's default is 4 KB).
 _PAGE_BYTES = 16384
-_SCHEMA_VERSION = 3  # PRAGMA user_version; 1 kept one row per event in a table "events", 2 no batches
+_LAYOUT = 4  # PRAGMA user_version of this layout (1 to 3 were earlier ones, which nothing reads)
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    key TEXT NOT NULL UNIQUE,
-    ts_ms INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    role TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    rows INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    kind TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_by_model_time ON records (model, ts_ms, key);
-CREATE TABLE IF NOT EXISTS batches (
+CREATE TABLE requests (
     source TEXT NOT NULL,
     first INTEGER NOT NULL,
     count INTEGER NOT NULL,
@@ -79,8 +70,19 @@ CREATE TABLE IF NOT EXISTS batches (
     body BLOB NOT NULL,
     PRIMARY KEY (source, first)
 );
-CREATE INDEX IF NOT EXISTS batches_by_time ON batches (ts_min_ms);
-CREATE TABLE IF NOT EXISTS feedback (
+CREATE INDEX requests_by_time ON requests (ts_min_ms);
+CREATE TABLE events (
+    event_id TEXT NOT NULL PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    role TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX events_by_model_time ON events (model, ts_ms, event_id);
+CREATE INDEX events_by_request ON events (request_id);
+CREATE TABLE feedback (
     request_id TEXT NOT NULL,
     row INTEGER NOT NULL,
     label BLOB NOT NULL,
@@ -88,19 +90,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     PRIMARY KEY (request_id, row)
 );
 """
-_MIGRATE_EVENTS = """
-INSERT OR IGNORE INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)
-    SELECT event_id, ts_ms, model, version, role, request_id, 1, body, 'e' FROM events;
-DROP TABLE events;
-"""
-_INSERT = (
-    "INSERT OR IGNORE INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_BATCH = "source, first, count, rows, ts_min_ms, ts_max_ms, models, body"  # a RequestBatch
+_INSERT_BATCH = f"INSERT INTO requests ({_BATCH}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_EVENT = "event_id, ts_ms, body"  # what a read of single events needs
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events (event_id, ts_ms, model, version, role, request_id, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_REQUEST = _INSERT.replace("?)", "'r')")
-_RECORD = "kind, key, ts_ms, model, version, role, request_id, rows, body"  # kind, then a LoggedRequest
-_BATCH = "source, first, count, rows, ts_min_ms, ts_max_ms, models, body"  # an AnsweredBatch
-_INSERT_BATCH = f"INSERT INTO batches ({_BATCH}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# What the store is away for (retry later); any other SQLite error is a refusal.
+_AWAY = ("locked", "busy", "disk i/o error", "unable to open", "disk is full", "readonly database")
+
+# What a read merges: a single event's row (event_id, ts_ms, body), or a batch's request.
+Record = tuple[Any, ...] | LoggedRequest
 
 
 class SqliteLogStore:
@@ -116,9 +117,9 @@ class SqliteLogStore:
         self._local = threading.local()  # one connection per thread (sqlite3 objects are not shared)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._migrate()
-        except (OSError, BackendUnavailable) as exc:
+        except OSError as exc:
             raise BackendUnavailable(f"log store {path} cannot be opened: {exc}") from exc
+        self._create()
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -130,9 +131,16 @@ class SqliteLogStore:
             self._local.db = db
         return db
 
+    def _failure(self, exc: sqlite3.Error, what: str) -> MLOpsError:
+        """A SQLite error as the store away (retry) or a refusal (retrying cannot help)."""
+        message = f"log store {self.path}: {what} failed: {exc}"
+        if isinstance(exc, sqlite3.OperationalError) and any(s in str(exc).lower() for s in _AWAY):
+            return BackendUnavailable(message)
+        return BackendRefused(message)
+
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; a SQLite error is the store away."""
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; a SQLite error sorted by ``_failure``."""
         try:
             db = self._connect()
             db.execute("BEGIN IMMEDIATE")
@@ -143,80 +151,66 @@ class SqliteLogStore:
                 db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: {what} failed: {exc}") from exc
+            raise self._failure(exc, what) from exc
 
-    def _migrate(self) -> None:
-        """Create the tables; a file of the first layout (a row per event) keeps its events."""
-        if self._scalar("PRAGMA user_version", []) >= _SCHEMA_VERSION:
+    def _create(self) -> None:
+        """Create the tables in a new file; a file of another layout is refused, left as it is."""
+        if self._scalar("PRAGMA user_version", []) == _LAYOUT:
             return
-        with self._transaction("creating the tables") as db:
+        with self._transaction("creating the tables") as db:  # another process may be creating it too
+            layout = db.execute("PRAGMA user_version").fetchone()[0]
+            if layout == _LAYOUT:
+                return
+            if layout != 0 or db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+                raise ConfigError(
+                    f"log store {self.path} was made by another layout (user_version {layout}, this"
+                    f" one is {_LAYOUT}): move it away, or set MLOPS_LOGS__STORE to another file"
+                )
             for statement in _SCHEMA.split(";"):
                 db.execute(statement)
-            old = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
-            ).fetchone()
-            if old:
-                for statement in _MIGRATE_EVENTS.split(";"):
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute(f"PRAGMA user_version = {_LAYOUT}")
 
     # --- writes ------------------------------------------------------------------------------
 
     def write(self, events: Sequence[InferenceEvent]) -> WriteResult:
-        records = [
-            (e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, 1, orjson.dumps(e.to_dict()), "e")
+        rows = [
+            (e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, orjson.dumps(e.to_dict()))
             for e in events
         ]
-        return self._insert(_INSERT, records)
-
-    def write_requests(self, requests: Sequence[LoggedRequest]) -> WriteResult:
-        return self._insert(_INSERT_REQUEST, requests)
-
-    def _insert(self, sql: str, records: Sequence[Sequence[Any]]) -> WriteResult:
-        """One transaction; the counts are in events (a record holds ``rows`` of them)."""
-        total = sum(r[6] for r in records)
         with self._transaction("write") as db:
             before = db.total_changes
-            db.executemany(sql, records)
-            if db.total_changes - before == len(records):
-                written = total
-            else:  # some were stored already (a replay): count record by record
-                db.execute("ROLLBACK")
-                db.execute("BEGIN IMMEDIATE")
-                written = sum(r[6] for r in records if db.execute(sql, r).rowcount == 1)
-        return WriteResult(written=written, duplicates=total - written, rejected=[])
+            db.executemany(_INSERT_EVENT, rows)
+            written = db.total_changes - before
+        return WriteResult(written=written, duplicates=len(rows) - written, rejected=[])
 
-    def write_batches(self, batches: Sequence[AnsweredBatch]) -> WriteResult:
-        """One record per batch, in one transaction. An event id already stored (a hand-over sent
+    def write_requests(self, batches: Sequence[RequestBatch]) -> WriteResult:
+        """One record per batch, in one transaction. An event id already stored (a batch sent
         again after the writer died reading it, cut in other places) is kept as it was: only the
         part of a batch that no stored batch of its source holds is written. A batch whose times
-        lie further apart than ``MAX_SPAN_MS`` is written as single requests."""
-        narrow = [b for b in batches if b.ts_max_ms - b.ts_min_ms <= MAX_SPAN_MS]
-        wide, unreadable = batch_requests(b for b in batches if b.ts_max_ms - b.ts_min_ms > MAX_SPAN_MS)
-        total = sum(b.rows for b in narrow)
+        lie further apart than ``MAX_SPAN_MS`` is written a request at a time."""
+        parts = [part for batch in batches for part in _narrow(batch)]
+        total = sum(b.rows for b in batches)
         with self._transaction("write") as db:
             written = 0
-            for batch in narrow:
-                for part in _new_parts(db, batch):
-                    db.execute(_INSERT_BATCH, _batch_row(part))
-                    written += part.rows
-        result = WriteResult(written=written, duplicates=total - written, rejected=unreadable)
-        if not wide:
-            return result
-        single = self.write_requests(wide)
-        return WriteResult(
-            result.written + single.written,
-            result.duplicates + single.duplicates,
-            unreadable + single.rejected,
-        )
+            for part in parts:
+                for new in _new_parts(db, part):
+                    db.execute(_INSERT_BATCH, (*new[:6], orjson.dumps(new.models), new.body))
+                    written += new.rows
+        return WriteResult(written=written, duplicates=total - written, rejected=[])
 
-    def write_feedback(self, feedback: Sequence[Feedback]) -> int:
-        rows = [(f.request_id, f.row, orjson.dumps(f.label), f.ts_ms) for f in feedback]
+    def write_feedback(self, feedback: Sequence[Feedback]) -> WriteResult:
+        sql = "INSERT OR {} INTO feedback (request_id, row, label, ts_ms) VALUES (?, ?, ?, ?)"
         with self._transaction("feedback write") as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO feedback (request_id, row, label, ts_ms) VALUES (?, ?, ?, ?)", rows
-            )
-        return len(rows)
+            before = db.total_changes
+            for overwrite in (False, True):
+                rows = [
+                    (f.request_id, f.row, orjson.dumps(f.label), f.ts_ms)
+                    for f in feedback
+                    if f.overwrite is overwrite
+                ]
+                db.executemany(sql.format("REPLACE" if overwrite else "IGNORE"), rows)
+            written = db.total_changes - before
+        return WriteResult(written=written, duplicates=len(feedback) - written, rejected=[])
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -242,18 +236,40 @@ class SqliteLogStore:
     ) -> Iterator[Labelled]:
         records = self._ordered(model, start_ms, end_ms, version, None, stats)
         while page := list(itertools.islice(records, PAGE)):
-            labels = self._labels(sorted({record[6] for record in page}))
-            for record in page:
-                for event in _expand(record, stats):
-                    label = labels.get((event.request_id, event.row))
-                    yield Labelled(event, orjson.loads(label) if label is not None else None)
+            events = [event for record in page for event in _expand(record, stats)]
+            labels = self.labels([(e.request_id, e.row) for e in events])
+            for event in events:
+                yield Labelled(event, labels.get((event.request_id, event.row)))
 
-    def _labels(self, request_ids: list[str]) -> dict[tuple[str, int], bytes]:
+    def labels(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Any]:
+        wanted = set(keys)
+        if not wanted:
+            return {}
         sql = (
             "SELECT request_id, row, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))"
         )
-        rows = self._read(sql, [orjson.dumps(request_ids).decode()])
-        return {(request_id, row): label for request_id, row, label in rows}
+        rows = self._read(sql, [orjson.dumps(sorted({r for r, _ in wanted})).decode()])
+        return {(r, row): orjson.loads(label) for r, row, label in rows if (r, row) in wanted}
+
+    def known_requests(self, request_ids: Sequence[str], since_ms: int) -> set[str]:
+        """Single events by their index; batches ending at ``since_ms`` or later by one regular
+        expression over each (their request ids are not indexed: the writer keeps its CPU)."""
+        wanted = {orjson.dumps(r): r for r in set(request_ids)}
+        if not wanted:
+            return set()
+        sql = "SELECT DISTINCT request_id FROM events WHERE request_id IN (SELECT value FROM json_each(?))"
+        found = {row[0] for row in self._read(sql, [orjson.dumps(sorted(wanted.values())).decode()])}
+        sql = "SELECT ts_max_ms, source, first, body FROM requests WHERE ts_max_ms >= ?"
+        page = f"{sql} AND (ts_max_ms, source, first) > (?, ?, ?) ORDER BY ts_max_ms, source, first LIMIT ?"
+        after: list[Any] = [-(2**62), "", -1]
+        while len(found) < len(wanted):
+            rows = self._read(page, [since_ms, *after, BATCH_PAGE])
+            for *_, body in rows:
+                found.update(wanted[r] for r in set(REQUEST_ID.findall(body)) & wanted.keys())
+            if len(rows) < BATCH_PAGE:
+                break
+            after = list(rows[-1][:3])
+        return found
 
     def _ordered(
         self,
@@ -263,127 +279,117 @@ class SqliteLogStore:
         version: str | None,
         role: str | None,
         stats: ReadStats | None,
-    ) -> Iterator[tuple[Any, ...]]:
-        """The window's records (``_RECORD`` columns) in (ts_ms, key) order: the single ones and
-        the requests of the batches, merged. Both come in order of their (first) time, and nothing
-        after a batch's start can be older than it, so what is older than the next start is final."""
-        singles = ((record[2], (record,)) for page in self._pages(model, start_ms, end_ms, version, role)
-                   for record in page)  # fmt: skip
+    ) -> Iterator[Record]:
+        """The window's single events and batches' requests, merged in (ts_ms, event id) order.
+        Both come in order of their (first) time, and nothing after a batch's start can be older
+        than it, so what is older than the next start is final."""
+        singles = ((row[1], (row,)) for row in self._events(model, start_ms, end_ms, version, role))
         batches = (
             (batch.ts_min_ms, _requests(batch, model, start_ms, end_ms, version, role, stats))
             for batch in self._batches(model, start_ms, end_ms)
         )
-        waiting: list[tuple[int, str, tuple[Any, ...]]] = []
+        waiting: list[tuple[int, str, Record]] = []
         for start, records in heapq.merge(singles, batches, key=operator.itemgetter(0)):
             while waiting and waiting[0][0] < start:
                 yield heapq.heappop(waiting)[2]
             for record in records:
-                heapq.heappush(waiting, (record[2], record[1], record))
+                heapq.heappush(waiting, (*_order(record), record))
         while waiting:
             yield heapq.heappop(waiting)[2]
 
-    def _batches(self, model: str, start_ms: int, end_ms: int) -> Iterator[AnsweredBatch]:
+    def _batches(self, model: str, start_ms: int, end_ms: int) -> Iterator[RequestBatch]:
         """The batches holding requests of ``model`` that may lie in the window, by first time."""
         sql = (
-            f"SELECT {_BATCH} FROM batches WHERE ts_min_ms >= ? AND ts_min_ms < ? AND ts_max_ms >= ?"
+            f"SELECT {_BATCH} FROM requests WHERE ts_min_ms >= ? AND ts_min_ms < ? AND ts_max_ms >= ?"
             " AND EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)"
-            " AND (ts_min_ms > ? OR (ts_min_ms = ? AND (source > ? OR (source = ? AND first > ?))))"
-            " ORDER BY ts_min_ms, source, first LIMIT ?"
+            " AND (ts_min_ms, source, first) > (?, ?, ?) ORDER BY ts_min_ms, source, first LIMIT ?"
         )
-        after: tuple[int, str, int] = (-(2**62), "", -1)
+        after: list[Any] = [-(2**62), "", -1]
         while True:
             params = [start_ms - MAX_SPAN_MS, end_ms, start_ms, model]
-            page = self._read(sql, [*params, after[0], after[0], after[1], after[1], after[2], BATCH_PAGE])
-            for row in page:
-                yield _stored_batch(row)
+            page = self._read(sql, [*params, *after, BATCH_PAGE])
+            yield from map(_stored_batch, page)
             if len(page) < BATCH_PAGE:
                 return
-            after = (page[-1][4], page[-1][0], page[-1][1])
+            after = [page[-1][4], page[-1][0], page[-1][1]]
 
-    def _pages(
+    def _events(
         self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
-    ) -> Iterator[list[tuple[Any, ...]]]:
-        """The window's records (``_RECORD`` columns), a page at a time."""
+    ) -> Iterator[tuple[Any, ...]]:
+        """The window's single events (``_EVENT`` columns), read a page at a time."""
         where, params = _window(model, start_ms, end_ms, version, role)
-        sql = (
-            f"SELECT {_RECORD} FROM records WHERE {where}"
-            " AND (ts_ms > ? OR (ts_ms = ? AND key > ?)) ORDER BY ts_ms, key LIMIT ?"
-        )
-        after_ts, after_key = -1, ""
+        sql = f"SELECT {_EVENT} FROM events WHERE {where} AND (ts_ms, event_id) > (?, ?) ORDER BY ts_ms, event_id LIMIT ?"
+        after: list[Any] = [-(2**62), ""]
         while True:
-            page = self._read(sql, [*params, after_ts, after_ts, after_key, PAGE])
-            yield page
+            page = self._read(sql, [*params, *after, PAGE])
+            yield from page
             if len(page) < PAGE:
                 return
-            after_ts, after_key = page[-1][2], page[-1][1]
+            after = [page[-1][1], page[-1][0]]
 
     def count(
         self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None
     ) -> int:
         where, params = _window(model, start_ms, end_ms, version, role)
-        count = self._scalar(f"SELECT COALESCE(SUM(rows), 0) FROM records WHERE {where}", params)
+        count = self._scalar(f"SELECT COUNT(*) FROM events WHERE {where}", params)
         for batch in self._batches(model, start_ms, end_ms):
             whole = start_ms <= batch.ts_min_ms and batch.ts_max_ms < end_ms and batch.models == (model,)
             if whole and version is None and role is None:
                 count += batch.rows  # all of it: no need to read it
             else:
-                count += sum(r[7] for r in _requests(batch, model, start_ms, end_ms, version, role, None))
+                count += sum(r.rows for r in _requests(batch, model, start_ms, end_ms, version, role, None))
         return count
 
     def models(self) -> list[str]:
         sql = (
-            "SELECT model FROM records UNION SELECT value FROM batches, json_each(batches.models) ORDER BY 1"
+            "SELECT model FROM events UNION SELECT value FROM requests, json_each(requests.models) ORDER BY 1"
         )
         return [r[0] for r in self._read(sql, [])]
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:
+        if limit <= 0:
+            return []
         where, params = ("WHERE model = ?", [model]) if model is not None else ("", [])
-        sql = f"SELECT {_RECORD} FROM records {where} ORDER BY ts_ms DESC, key DESC LIMIT ?"
-        # A record holds at least one event: `limit` records are enough, and fewer usually are.
-        records = self._read(sql, [*params, limit]) + self._latest_batched(model, limit)
-        records.sort(key=_time_order, reverse=True)
-        newest: list[list[InferenceEvent]] = []
-        found = 0
-        for record in records:
-            if found >= limit:
+        sql = f"SELECT {_EVENT} FROM events {where} ORDER BY ts_ms DESC, event_id DESC LIMIT ?"
+        records: list[Record] = [*self._read(sql, [*params, limit]), *self._latest_requests(model, limit)]
+        records.sort(key=_order, reverse=True)
+        newest: list[InferenceEvent] = []
+        for record in records:  # newest first; a record's own events in their order
+            if len(newest) >= limit:
                 break
-            newest.append(_expand(record, None))
-            found += len(newest[-1])
-        events = [event for record in reversed(newest) for event in record]
-        return events[len(events) - limit :] if limit > 0 else []
+            newest = [*_expand(record, None), *newest]
+        return newest[-limit:]
 
-    def _latest_batched(self, model: str | None, limit: int) -> list[tuple[Any, ...]]:
+    def _latest_requests(self, model: str | None, limit: int) -> list[LoggedRequest]:
         """The newest requests of the batches (of one model, or all), enough for ``limit`` events.
         Batches come newest end first; reading stops at one that ends before the ``limit``-th
         newest event found so far: nothing in it, or after it, can be newer."""
-        found: list[tuple[Any, ...]] = []
-        if limit <= 0:
-            return found
+        found: list[LoggedRequest] = []
         for batch in self._batches_by_end(model):
             if _nth_newest_ts(found, limit) > batch.ts_max_ms:
                 break
             found += _requests(batch, model, -(2**62), 2**62, None, None, None)
         return found
 
-    def _batches_by_end(self, model: str | None) -> Iterator[AnsweredBatch]:
+    def _batches_by_end(self, model: str | None) -> Iterator[RequestBatch]:
         """The batches (holding requests of ``model``, or all), newest end first."""
         where, params = ("WHERE EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)", [model]) if model else ("", [])  # fmt: skip
-        sql = f"SELECT {_BATCH} FROM batches {where} ORDER BY ts_max_ms DESC, source, first LIMIT ? OFFSET ?"
+        sql = f"SELECT {_BATCH} FROM requests {where} ORDER BY ts_max_ms DESC, source, first LIMIT ? OFFSET ?"
         for offset in itertools.count(0, BATCH_PAGE):
             page = self._read(sql, [*params, BATCH_PAGE, offset])
-            for row in page:
-                yield _stored_batch(row)
+            yield from map(_stored_batch, page)
             if len(page) < BATCH_PAGE:
                 return
 
     def prune(self, older_than_ms: int) -> int:
         with self._transaction("prune") as db:
-            sql = "SELECT COALESCE(SUM(rows), 0) FROM records WHERE ts_ms < ?"
-            gone = int(db.execute(sql, [older_than_ms]).fetchone()[0])
-            sql = "SELECT COALESCE(SUM(rows), 0) FROM batches WHERE ts_max_ms < ?"
+            gone = int(
+                db.execute("SELECT COUNT(*) FROM events WHERE ts_ms < ?", [older_than_ms]).fetchone()[0]
+            )
+            sql = "SELECT COALESCE(SUM(rows), 0) FROM requests WHERE ts_max_ms < ?"
             gone += int(db.execute(sql, [older_than_ms]).fetchone()[0])
-            db.execute("DELETE FROM batches WHERE ts_max_ms < ?", [older_than_ms])
-            db.execute("DELETE FROM records WHERE ts_ms < ?", [older_than_ms])
+            db.execute("DELETE FROM requests WHERE ts_max_ms < ?", [older_than_ms])
+            db.execute("DELETE FROM events WHERE ts_ms < ?", [older_than_ms])
             db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
         return gone
 
@@ -402,11 +408,11 @@ class SqliteLogStore:
             self._local.db = None
 
     def _read(self, sql: str, params: list[object]) -> list[tuple[Any, ...]]:
-        """The rows a read returns; a SQLite error is the store away."""
+        """The rows a read returns; a SQLite error sorted by ``_failure``."""
         try:
             return self._connect().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise BackendUnavailable(f"log store {self.path}: read failed: {exc}") from exc
+            raise self._failure(exc, "read") from exc
 
     def _scalar(self, sql: str, params: list[object]) -> int:
         return int(self._read(sql, params)[0][0])
@@ -415,7 +421,7 @@ class SqliteLogStore:
 def _window(
     model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
 ) -> tuple[str, list[object]]:
-    """The WHERE clause selecting one model's records in a window, of one version and role."""
+    """The WHERE clause selecting one model's single events in a window, of one version and role."""
     where = ["model = ?", "ts_ms >= ?", "ts_ms < ?"]
     params: list[object] = [model, start_ms, end_ms]
     for column, value in (("version", version), ("role", role)):
@@ -425,42 +431,46 @@ def _window(
     return " AND ".join(where), params
 
 
-def _batch_row(batch: AnsweredBatch) -> tuple[Any, ...]:
-    """A batch as its ``_BATCH`` columns (its models as a JSON list)."""
-    return (*batch[:6], orjson.dumps(batch.models), batch.body)
+def _stored_batch(row: tuple[Any, ...]) -> RequestBatch:
+    """The batch of a row of ``_BATCH`` columns (its models kept as a JSON list)."""
+    return RequestBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
 
 
-def _stored_batch(row: tuple[Any, ...]) -> AnsweredBatch:
-    """The batch of a row of ``_BATCH`` columns."""
-    return AnsweredBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
+def _narrow(batch: RequestBatch) -> list[RequestBatch]:
+    """The batch, or, if its times lie further apart than ``MAX_SPAN_MS``, a batch per request."""
+    if batch.ts_max_ms - batch.ts_min_ms <= MAX_SPAN_MS:
+        return [batch]
+    return [part for i in range(batch.count) if (part := batch.part(i, i + 1)) is not None]
 
 
-def _time_order(record: tuple[Any, ...]) -> tuple[int, str]:
-    """The read order of a ``_RECORD`` row: (ts_ms, key)."""
-    return record[2], record[1]
+def _order(record: Record) -> tuple[int, str]:
+    """A record's place in the read order: (ts_ms, event id)."""
+    if isinstance(record, LoggedRequest):
+        return record.ts_ms, record.event_id
+    return record[1], record[0]
 
 
-def _nth_newest_ts(records: list[tuple[Any, ...]], n: int) -> float:
-    """The time of the ``n``-th newest event of these ``_RECORD`` rows (-inf if they hold fewer)."""
+def _nth_newest_ts(requests: list[LoggedRequest], n: int) -> float:
+    """The time of the ``n``-th newest event of these requests (-inf if they hold fewer)."""
     held = 0
-    for record in sorted(records, key=_time_order, reverse=True):
-        held += record[7]
+    for request in sorted(requests, key=_order, reverse=True):
+        held += request.rows
         if held >= n:
-            return record[2]
+            return request.ts_ms
     return float("-inf")
 
 
 def _requests(
-    batch: AnsweredBatch,
+    batch: RequestBatch,
     model: str | None,
     start_ms: int,
     end_ms: int,
     version: str | None,
     role: str | None,
     stats: ReadStats | None,
-) -> list[tuple[Any, ...]]:
-    """A batch's requests (as ``_RECORD`` rows) of one model (or all), in a window, of one version
-    and role; a line that is no request is skipped and counted."""
+) -> list[LoggedRequest]:
+    """A batch's requests of one model (or all), in a window, of one version and role; a line
+    that is no request is skipped and counted."""
     found = []
     for request in batch.requests():
         if request is None:
@@ -472,20 +482,20 @@ def _requests(
             and (version is None or request.version == version)
             and (role is None or request.role == role)
         ):
-            found.append(("r", *request))
+            found.append(request)
     return found
 
 
-def _new_parts(db: sqlite3.Connection, batch: AnsweredBatch) -> list[AnsweredBatch]:
+def _new_parts(db: sqlite3.Connection, batch: RequestBatch) -> list[RequestBatch]:
     """The parts of ``batch`` that no stored batch of its source holds (the stored ones of a source
     never overlap: at most one begins before this one and reaches into it)."""
     first, stop = batch.first, batch.first + batch.count
     before = db.execute(
-        "SELECT first, count FROM batches WHERE source = ? AND first <= ? ORDER BY first DESC LIMIT 1",
+        "SELECT first, count FROM requests WHERE source = ? AND first <= ? ORDER BY first DESC LIMIT 1",
         [batch.source, first],
     ).fetchall()
     inside = db.execute(
-        "SELECT first, count FROM batches WHERE source = ? AND first > ? AND first < ? ORDER BY first",
+        "SELECT first, count FROM requests WHERE source = ? AND first > ? AND first < ? ORDER BY first",
         [batch.source, first, stop],
     ).fetchall()
     stored = [(f, f + c) for f, c in before if f + c > first] + [(f, f + c) for f, c in inside]
@@ -501,12 +511,12 @@ def _new_parts(db: sqlite3.Connection, batch: AnsweredBatch) -> list[AnsweredBat
     return [part for a, b in gaps if (part := batch.part(a - first, b - first)) is not None]
 
 
-def _expand(record: tuple[Any, ...], stats: ReadStats | None) -> list[InferenceEvent]:
+def _expand(record: Record, stats: ReadStats | None) -> list[InferenceEvent]:
     """A record's events; a malformed record is skipped and counted, never raised to the reader."""
     try:
-        if record[0] == "r":
-            return LoggedRequest(*record[1:]).events()
-        return [InferenceEvent.from_dict(orjson.loads(record[-1]))]
+        if isinstance(record, LoggedRequest):
+            return record.events()
+        return [InferenceEvent.from_dict(orjson.loads(record[2]))]
     except (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError):
         if stats is not None:
             stats.malformed += 1

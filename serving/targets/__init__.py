@@ -66,32 +66,54 @@ class DeploymentTarget(Protocol):
     def status(self, model: str) -> Deployment: ...
 
 
-def _server(url: str, settings: Settings) -> DeploymentTarget:
+def _server(url: str, settings: Settings, token: str | None) -> DeploymentTarget:
     from serving.auth import admin_token
     from serving.targets.server import ServerTarget
 
-    return ServerTarget(url, admin_token(settings))
+    if token is None and settings.serving.target_token is not None:
+        token = settings.serving.target_token.get_secret_value()
+    if token is None and same_server(url, settings.serving_url):
+        token = admin_token(settings)  # the stack's own token goes to the stack's own server only
+    return ServerTarget(url, token)
 
 
-def _kserve(url: str, settings: Settings) -> DeploymentTarget:
+def same_server(url: str, other: str) -> bool:
+    """Whether two URLs reach the same server (scheme, port, and host; loopback names as one)."""
+    from serving.auth import loopback
+
+    a, b = urlparse(url), urlparse(other)
+    if (a.scheme, a.port or _PORTS.get(a.scheme)) != (b.scheme, b.port or _PORTS.get(b.scheme)):
+        return False
+    hosts = (a.hostname or "", b.hostname or "")
+    return hosts[0] == hosts[1] or all(loopback(host) for host in hosts)
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def _kserve(url: str, settings: Settings, token: str | None) -> DeploymentTarget:
     from serving.targets.kserve import KServeTarget
 
     return KServeTarget(urlparse(url).netloc or "default", settings.kserve)
 
 
-_BUILDERS: dict[str, Callable[[str, Settings], DeploymentTarget]] = {
+_BUILDERS: dict[str, Callable[[str, Settings, str | None], DeploymentTarget]] = {
     "http": _server,
     "https": _server,
     "kserve": _kserve,
 }
 
 
-def get_deployment_target(url: str, settings: Settings) -> DeploymentTarget:
-    """The target at ``url``; an unknown scheme is refused with the list of known ones."""
+def get_deployment_target(url: str, settings: Settings, token: str | None = None) -> DeploymentTarget:
+    """The target at ``url``; an unknown scheme is refused with the list of known ones.
+
+    A model server target is sent ``token``, else ``MLOPS_SERVING__TARGET_TOKEN``, else, when it is
+    the stack's own model server (``MLOPS_SERVING__URL``), the stack's admin token; else none.
+    """
     scheme = urlparse(url).scheme
     builder = _BUILDERS.get(scheme)
     if builder is None:
         raise ConfigError(
             f"deployment target '{url}': scheme '{scheme}' is not one of {', '.join(sorted(_BUILDERS))}"
         )
-    return builder(url, settings)
+    return builder(url, settings, token)

@@ -6,7 +6,14 @@ from typing import Any
 
 import httpx
 
-from common.errors import BackendUnavailable, InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from common.errors import (
+    BackendUnavailable,
+    ConfigError,
+    InvalidInput,
+    MLOpsError,
+    ModelNotFound,
+    ModelNotReady,
+)
 from serving.router import Mode, Role
 from serving.targets import Deployment, VersionRef
 
@@ -20,11 +27,11 @@ _ERRORS: dict[int, type[MLOpsError]] = {
 
 
 class ServerTarget:
-    def __init__(self, url: str, token: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout_s: float = 300.0) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(
             base_url=f"{self.url}/admin/v1/models",
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {token}"} if token else {},
             timeout=timeout_s,
         )
 
@@ -48,16 +55,13 @@ class ServerTarget:
             response = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"model server at {self.url} is unreachable: {exc}") from exc
-        if response.status_code == 401:
-            raise MLOpsError(
-                f"model server at {self.url} refused the admin token: {response.json().get('error')}"
+        if response.status_code == 401:  # configuration, not a failure worth a retry
+            raise ConfigError(
+                f"model server at {self.url} refused the admin token ({_message(response)}); a target"
+                " other than this stack's model server takes its own: MLOPS_SERVING__TARGET_TOKEN or --token-file"
             )
         if response.status_code != 200:
-            try:
-                message = response.json()["error"]
-            except (ValueError, KeyError):
-                message = response.text[:300]
-            raise _ERRORS.get(response.status_code, MLOpsError)(message)
+            raise _ERRORS.get(response.status_code, MLOpsError)(_message(response))
         state = response.json()
         return Deployment(
             target=self.url,
@@ -68,6 +72,13 @@ class ServerTarget:
             mode=state["mode"],
             detail={role: state[role] for role in ("stable", "canary") if state.get(role)},
         )
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
 
 
 def _ref(entry: dict[str, Any] | None) -> VersionRef | None:

@@ -17,7 +17,7 @@ import pytest
 
 from monitoring.logstore import get_log_store
 from serving.examples import fraud_transformer, save_mlp
-from serving.logger import Spool
+from serving.logger.spool import Spool
 from tests.conftest import free_port
 from tests.esproxy import ElasticsearchProxy
 from tests.integration.conftest import store_url
@@ -104,7 +104,7 @@ def test_every_event_arrives_through_an_outage_and_a_restart(kind, tmp_path, mod
                 time.sleep(1.0)
                 server.stop()  # a clean stop while the store is away: the queue drains to the spool
         spool = tmp_path / "state" / "serving" / "spool"
-        spooled_at_stop = Spool(spool).events
+        spooled_at_stop = Spool(spool, 1 << 30).events
         with model_server(tmp_path / "state", **settings) as restarted:
             send(restarted.url, 20)  # the restarted server replays its spool, then logs these
             sent += 20
@@ -120,29 +120,71 @@ def test_every_event_arrives_through_an_outage_and_a_restart(kind, tmp_path, mod
     assert "mlops_log_spool_events 0.0" in spooled
 
 
-def test_feedback_joins_its_prediction(tmp_path, model_dir):
+def test_feedback_joins_its_prediction_and_a_second_label_needs_overwrite(tmp_path, model_dir):
     with model_server(tmp_path / "state", MLOPS_LOGS__FLUSH_MS="50") as server:
         Admin(server.url).load("fraud", "1", str(model_dir), role="stable")
         answer = httpx.post(
             f"{server.url}/v1/models/fraud:predict", json={"instances": ROWS}, timeout=30
         ).json()
         request_id = answer["request_id"]
-        accepted = httpx.post(
-            f"{server.url}/v1/feedback", json={"request_id": request_id, "labels": ["legit", "fraud"]}
-        )
-        bad = httpx.post(f"{server.url}/v1/feedback", json={"request_id": request_id, "labels": []})
-        missing = httpx.post(f"{server.url}/v1/feedback", json={"labels": ["x"]})
+        feedback = f"{server.url}/v1/feedback"
+        accepted = httpx.post(feedback, json={"request_id": request_id, "labels": ["legit", "fraud"]})
+        bad = httpx.post(feedback, json={"request_id": request_id, "labels": []})
+        missing = httpx.post(feedback, json={"labels": ["x"]})
+        wrong_flag = httpx.post(feedback, json={"request_id": request_id, "label": "x", "overwrite": "yes"})
+        unknown = httpx.post(feedback, json={"request_id": "never-answered", "label": "fraud"})
         store = get_log_store(f"sqlite:///{tmp_path / 'state' / 'logs' / 'inference.db'}")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            labelled = {(x.event.row): x.label for x in store.labelled("fraud", 0, 2**62)}
-            if labelled == {0: "legit", 1: "fraud"}:
-                break
-            time.sleep(0.2)
+        labelled = wait_for_labels(store, {0: "legit", 1: "fraud"})
+        again = httpx.post(feedback, json={"request_id": request_id, "labels": ["fraud", "fraud"]})
+        replaced = httpx.post(feedback, json={"request_id": request_id, "label": "fraud", "overwrite": True})
+        relabelled = wait_for_labels(store, {0: "fraud", 1: "fraud"})
+        metrics = wait_for_metric(server.url, "mlops_feedback_unknown_total 1.0")
     assert accepted.status_code == 202 and accepted.json() == {"accepted": 2}
     assert bad.status_code == 400 and "'labels'" in bad.json()["error"]
     assert missing.status_code == 400 and "'request_id'" in missing.json()["error"]
+    assert wrong_flag.status_code == 400 and "'overwrite'" in wrong_flag.json()["error"]
+    assert unknown.status_code == 202  # kept, and counted: its request may be older than the log
     assert labelled == {0: "legit", 1: "fraud"}
+    assert again.status_code == 409 and '"overwrite": true' in again.json()["error"]
+    assert "row(s) [0, 1]" in again.json()["error"]
+    assert replaced.status_code == 202 and relabelled == {0: "fraud", 1: "fraud"}
+    assert 'mlops_feedback_requests_total{code="409"} 1.0' in metrics
+
+
+def wait_for_labels(store, expected: dict[int, str], timeout_s: float = 30) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        labelled = {x.event.row: x.label for x in store.labelled("fraud", 0, 2**62)}
+        if labelled == expected or time.monotonic() > deadline:
+            return labelled
+        time.sleep(0.2)
+
+
+def wait_for_metric(url: str, line: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"{url}/metrics").text
+        if line in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
+def test_feedback_with_a_token_set_refuses_requests_without_it(tmp_path):
+    """MLOPS_SERVING__FEEDBACK_TOKEN (or, beyond loopback, the generated one: tests/unit/serving/
+    test_auth.py) is asked for; nothing refused is queued."""
+    token = "feedback-token-for-tests"
+    with model_server(tmp_path / "state", MLOPS_SERVING__FEEDBACK_TOKEN=token) as server:
+        body = {"request_id": "r1", "label": "fraud"}
+        anonymous = httpx.post(f"{server.url}/v1/feedback", json=body)
+        wrong = httpx.post(f"{server.url}/v1/feedback", json=body, headers={"Authorization": "Bearer nope"})
+        right = httpx.post(
+            f"{server.url}/v1/feedback", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        metrics = wait_for_metric(server.url, 'mlops_feedback_requests_total{code="202"} 1.0')
+    assert anonymous.status_code == 401 and "feedback token" in anonymous.json()["error"]
+    assert wrong.status_code == 401
+    assert right.status_code == 202
+    assert 'mlops_feedback_requests_total{code="401"} 2.0' in metrics
 
 
 def test_a_reader_in_another_process_reads_while_the_server_writes(tmp_path, model_dir):

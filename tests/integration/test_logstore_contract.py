@@ -10,14 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from monitoring.events import (
-    AnsweredBatch,
-    Feedback,
-    InferenceEvent,
-    InferenceRequest,
-    LoggedRequest,
-    answered_payload,
-)
+from common.errors import BackendRefused, BackendUnavailable, ConfigError
+from monitoring.events import Feedback, InferenceEvent, RequestBatch, encode_request
 from monitoring.logstore import ReadStats, get_log_store
 from tests.integration.conftest import store_url
 
@@ -92,20 +86,41 @@ def test_version_and_role_filters(store):
     assert {e.version for e in store.query("fraud", T0, T0 + 50, version="1")} == {"1"}
 
 
-def test_a_label_joins_its_event_and_the_last_label_wins(store):
+def test_a_label_joins_its_event_and_the_first_label_stays_unless_overwritten(store):
     store.write([event(i) for i in range(6)])
-    store.write_feedback([Feedback("req-2", 0, "fraud"), Feedback("req-4", 0, {"amount_lost": 12.5})])
-    store.write_feedback([Feedback("req-2", 0, "legit")])
+    first = store.write_feedback(
+        [
+            Feedback("req-2", 0, "fraud"),
+            Feedback("req-4", 0, {"amount_lost": 12.5}),
+            Feedback("req-5", 0, "x"),
+        ]
+    )
+    again = store.write_feedback([Feedback("req-2", 0, "legit"), Feedback("req-5", 0, "y", overwrite=True)])
     store.refresh()
+    assert (first.written, first.duplicates) == (3, 0)
+    assert (again.written, again.duplicates) == (1, 1)
     labels = {item.event.request_id: item.label for item in store.labelled("fraud", T0, T0 + 6)}
     assert labels == {
         "req-0": None,
         "req-1": None,
-        "req-2": "legit",
+        "req-2": "fraud",
         "req-3": None,
         "req-4": {"amount_lost": 12.5},
-        "req-5": None,
+        "req-5": "y",
     }
+    assert store.labels([("req-2", 0), ("req-2", 1), ("req-9", 0), ("req-4", 0)]) == {
+        ("req-2", 0): "fraud",
+        ("req-4", 0): {"amount_lost": 12.5},
+    }
+
+
+def test_known_requests_are_the_ids_that_have_events(store):
+    store.write([event(i) for i in range(3)])
+    store.write_requests([request_batch(0, 4, times=[T0 - 60_000 + i for i in range(4)])])
+    store.refresh()
+    since = T0 - 3_600_000
+    assert store.known_requests(["req-1", "req-2", "req-3", "nope"], since) == {"req-1", "req-2", "req-3"}
+    assert store.known_requests([], since) == set()
 
 
 def test_a_malformed_record_does_not_break_a_reader(store):
@@ -123,8 +138,8 @@ def plant_malformed(store, ts_ms: int) -> None:
     if store.kind == "sqlite":
         with sqlite3.connect(store.path) as db:
             db.execute(
-                "INSERT INTO records (key, ts_ms, model, version, role, request_id, rows, body, kind)"
-                " VALUES ('bad', ?, 'fraud', '1', 'stable', 'r', 1, ?, 'e')",
+                "INSERT INTO events (event_id, ts_ms, model, version, role, request_id, body)"
+                " VALUES ('bad', ?, 'fraud', '1', 'stable', 'r', ?)",
                 (ts_ms, b"{not json"),
             )
         return
@@ -153,110 +168,93 @@ def test_prune_drops_what_is_older_than_the_retention(store):
     assert [e.event_id for e in store.query("fraud", T0 - 10 * day, T0 + 1)] == ["ev-0000002"]
 
 
-def request(i: int, rows: int, version: str = "1", role: str = "stable") -> InferenceRequest:
-    """A request of ``rows`` rows as the model server logs it (columns; a failed one has none)."""
+def logged(
+    i: int, rows: int, ts_ms: int, version: str = "1", role: str = "stable", model: str = "fraud"
+) -> bytes:
+    """Request ``i`` as the model server logs it: ``rows`` V1 rows (none: a failed request)."""
     if rows == 0:
-        return InferenceRequest(
-            f"rq-{i:05d}", T0 + i, "fraud", version, role, f"req-{i}", 1.5, {}, {}, "error", "boom"
+        return encode_request(
+            ts_ms / 1000, 0.0015, model, version, role, f"req-{i}", "v1", b"{}", None, {}, "boom"
         )
-    return InferenceRequest(
-        event_id=f"rq-{i:05d}", ts_ms=T0 + i, model="fraud", version=version, role=role, request_id=f"req-{i}",
-        latency_ms=1.5, inputs={"amount": np.arange(rows, dtype=np.float64) + i, "country": np.array(["DE"] * rows, dtype=object)},
-        outputs={"label": np.array(["legit"] * rows, dtype=object), "probabilities": np.full((rows, 2), 0.5, np.float32)},
-    )  # fmt: skip
+    body = orjson.dumps({"instances": [[float(i), float(row)] for row in range(rows)]})
+    outputs = {"y": np.full((rows, 2), i, np.float32)}
+    return encode_request(ts_ms / 1000, 0.0015, model, version, role, f"req-{i}", "v1", body, "x", outputs)
 
 
-def test_a_request_is_stored_as_one_event_per_row(store):
-    requests = [request(1, 1), request(2, 12), request(3, 0)]
-    result = store.write_requests([r.logged() for r in requests])
-    store.refresh()
-    assert (result.written, result.duplicates, result.rejected) == (14, 0, [])
-    back = list(store.query("fraud", T0, T0 + 10))
-    assert back == [e for r in requests for e in r.events()]
-    assert [e.event_id for e in back] == sorted(e.event_id for e in back)  # rq-00002-10 before rq-00002-2
-    assert back[13].status == "error" and back[13].error == "boom"
-    assert store.count("fraud", T0 + 2, T0 + 3) == 12 and store.count("fraud", T0, T0 + 10) == 14
-
-
-def test_a_request_written_twice_counts_its_rows_once(store):
-    first = store.write_requests([request(i, 3).logged() for i in range(4)])
-    again = store.write_requests([request(i, 3).logged() for i in range(2, 6)])
-    store.refresh()
-    assert (first.written, first.duplicates) == (12, 0)
-    assert (again.written, again.duplicates) == (6, 6)
-    assert store.count("fraud", T0, T0 + 10) == 18
-
-
-def test_windows_filters_labels_and_latest_over_requests(store):
-    store.write_requests([request(i, 2, version=str(1 + i % 2), role="canary" if i == 3 else "stable").logged() for i in range(6)])  # fmt: skip
-    store.write_feedback([Feedback("req-4", 1, "fraud")])
-    store.refresh()
-    assert store.count("fraud", T0 + 1, T0 + 4) == 6
-    assert store.count("fraud", T0, T0 + 10, version="2") == 6
-    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, role="canary")] == [
-        "rq-00003-0",
-        "rq-00003-1",
-    ]
-    labels = {(x.event.request_id, x.event.row): x.label for x in store.labelled("fraud", T0 + 4, T0 + 5)}
-    assert labels == {("req-4", 0): None, ("req-4", 1): "fraud"}
-    assert [e.event_id for e in store.latest("fraud", 3)] == ["rq-00004-1", "rq-00005-0", "rq-00005-1"]
-
-
-def test_a_request_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
-    good = request(1, 2).logged()
-    bad = LoggedRequest("rq-bad", T0 + 2, "fraud", "1", "stable", "req-bad", 3, b'{"schema_version": 1, "inp')
-    result = store.write_requests([good, bad])
-    store.refresh()
-    stats = ReadStats()
-    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, stats=stats)] == [
-        "rq-00001-0",
-        "rq-00001-1",
-    ]
-    # The search stores expand on write and refuse it; the embedded store reads it only when asked.
-    assert (len(result.rejected), stats.malformed) == ((0, 1) if store.kind == "sqlite" else (1, 0))
-
-
-# --- hand-overs of answered requests, kept whole by the embedded store -----------------------
-
-
-def answered_batch(
-    first: int, count: int, times: list[int] | None = None, source: str = "srv", model: str = "fraud"
-) -> AnsweredBatch:
-    """A hand-over as the log writer reads it: request ``first + i`` at ``times[i]`` (default
-    T0 + first + i), of 1 + i % 2 rows, version 1 + i % 2; event ids ``source`` + hex."""
+def request_batch(
+    first: int,
+    count: int,
+    times: list[int] | None = None,
+    source: str = "srv",
+    model: str = "fraud",
+    rows: list[int] | None = None,
+    versions: list[str] | None = None,
+    roles: list[str] | None = None,
+) -> RequestBatch:
+    """Requests ``first`` to ``first + count`` as the log writer reads them: request ``i`` at
+    ``times[i]`` (default T0 + i), of ``rows[i]`` rows (default 1 + i % 2), version 1 + i % 2;
+    event ids ``source`` + hex."""
     lines = []
-    for i in range(first, first + count):
-        rows = 1 + i % 2
-        body = orjson.dumps({"instances": [[float(i), float(row)] for row in range(rows)]})
-        ts_ms = T0 + i if times is None else times[i - first]
-        outputs = {"y": np.full((rows, 2), i, np.float32)}
-        payload = answered_payload(
-            ts_ms / 1000, 0.002, model, str(1 + i % 2), "stable", f"req-{i}", "v1", body, "x", outputs
+    for n, i in enumerate(range(first, first + count)):
+        ts_ms = T0 + i if times is None else times[n]
+        lines.append(
+            logged(
+                i,
+                1 + i % 2 if rows is None else rows[n],
+                ts_ms,
+                str(1 + i % 2) if versions is None else versions[n],
+                "stable" if roles is None else roles[n],
+                model,
+            )
+            + b"\n"
         )
-        lines.append(b"a" + payload + b"\n")
-    batch = AnsweredBatch.scan(source, first, b"".join(lines))
+    batch = RequestBatch.scan(source, first, b"".join(lines))
     assert batch is not None
     return batch
 
 
-def events_of(*batches: AnsweredBatch) -> list[InferenceEvent]:
+def events_of(*batches: RequestBatch) -> list[InferenceEvent]:
     events = [e for batch in batches for r in batch.requests() if r is not None for e in r.events()]
     return sorted(events, key=lambda e: (e.ts_ms, e.event_id))
 
 
-def test_hand_overs_read_back_as_events_merged_in_time_order_with_single_requests(store):
-    """Two servers' hand-overs overlap in time; single requests lie among them. A window holds
+def test_a_request_is_stored_as_one_event_per_row(store):
+    batch = request_batch(1, 3, rows=[1, 12, 0])
+    result = store.write_requests([batch])
+    store.refresh()
+    assert (result.written, result.duplicates, result.rejected) == (14, 0, [])
+    back = list(store.query("fraud", T0, T0 + 10))
+    assert back == events_of(batch)
+    assert [e.event_id for e in back] == sorted(e.event_id for e in back)  # srv2-10 before srv2-2
+    assert back[13].status == "error" and back[13].error == "boom" and back[13].inputs == {}
+    assert store.count("fraud", T0 + 2, T0 + 3) == 12 and store.count("fraud", T0, T0 + 10) == 14
+
+
+def test_windows_filters_labels_and_latest_over_requests(store):
+    roles = ["canary" if i == 3 else "stable" for i in range(6)]
+    store.write_requests([request_batch(0, 6, rows=[2] * 6, roles=roles)])
+    store.write_feedback([Feedback("req-4", 1, "fraud")])
+    store.refresh()
+    assert store.count("fraud", T0 + 1, T0 + 4) == 6
+    assert store.count("fraud", T0, T0 + 10, version="2") == 6
+    assert [e.event_id for e in store.query("fraud", T0, T0 + 10, role="canary")] == ["srv3-0", "srv3-1"]
+    labels = {(x.event.request_id, x.event.row): x.label for x in store.labelled("fraud", T0 + 4, T0 + 5)}
+    assert labels == {("req-4", 0): None, ("req-4", 1): "fraud"}
+    assert [e.event_id for e in store.latest("fraud", 3)] == ["srv4-1", "srv5-0", "srv5-1"]
+
+
+def test_batches_read_back_as_events_merged_in_time_order_with_single_events(store):
+    """Two servers' batches overlap in time; single events lie among them. A window holds
     exactly its events, in time order, whatever batch they came in."""
-    a = answered_batch(0, 30, times=[T0 + 2 * i for i in range(30)], source="a")
-    b = answered_batch(0, 30, times=[T0 + 1 + 2 * i for i in range(30)], source="b")
-    c = answered_batch(0, 5, source="c", model="churn")
-    result = store.write_batches([a, b, c])
-    singles = [request(i, 1) for i in (5, 40, 70)]
-    store.write_requests([r.logged() for r in singles])
+    a = request_batch(0, 30, times=[T0 + 2 * i for i in range(30)], source="a")
+    b = request_batch(0, 30, times=[T0 + 1 + 2 * i for i in range(30)], source="b")
+    c = request_batch(0, 5, source="c", model="churn")
+    result = store.write_requests([a, b, c])
+    singles = [event(i, ts=T0 + i) for i in (5, 40, 70)]
+    store.write(singles)
     store.refresh()
     assert (result.written, result.duplicates, result.rejected) == (a.rows + b.rows + c.rows, 0, [])
-    everything = events_of(a, b) + [e for r in singles for e in r.events()]
-    everything.sort(key=lambda e: (e.ts_ms, e.event_id))
+    everything = sorted(events_of(a, b) + singles, key=lambda e: (e.ts_ms, e.event_id))
     window = [e for e in everything if T0 + 7 <= e.ts_ms < T0 + 41]
     assert list(store.query("fraud", T0 + 7, T0 + 41)) == window
     assert store.count("fraud", T0 + 7, T0 + 41) == len(window) and store.count("fraud", T0, T0 + 99) == 93
@@ -273,12 +271,12 @@ def test_hand_overs_read_back_as_events_merged_in_time_order_with_single_request
     assert labels == {("a7-1", "fraud"), ("b7-1", "fraud")}
 
 
-def test_a_hand_over_sent_again_and_cut_elsewhere_is_stored_once(store):
+def test_a_batch_sent_again_and_cut_elsewhere_is_stored_once(store):
     """A writer died reading a hand-over; the next one reads it again, cut in other places."""
-    whole = answered_batch(0, 12)
-    first = store.write_batches([answered_batch(0, 6)])
-    again = store.write_batches([answered_batch(0, 10), answered_batch(10, 2)])
-    overlap = store.write_batches([answered_batch(3, 9)])
+    whole = request_batch(0, 12)
+    first = store.write_requests([request_batch(0, 6)])
+    again = store.write_requests([request_batch(0, 10), request_batch(10, 2)])
+    overlap = store.write_requests([request_batch(3, 9)])
     store.refresh()
     assert (first.written, first.duplicates) == (9, 0)
     assert (again.written, again.duplicates) == (9, 9)
@@ -287,78 +285,84 @@ def test_a_hand_over_sent_again_and_cut_elsewhere_is_stored_once(store):
     assert store.count("fraud", T0, T0 + 99) == whole.rows == 18
 
 
-def test_a_line_of_a_hand_over_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
-    good = answered_batch(0, 3)
+def test_a_request_of_a_batch_that_cannot_be_read_is_refused_or_skipped_never_fatal(store):
+    good = request_batch(0, 3)
     broken = good.body.replace(b'{"instances":[[1.0,0.0],[1.0,1.0]]}', b'{"instances":[[1.0,0.0],[1.0')
     assert broken != good.body
-    batch = AnsweredBatch.scan("srv", 0, broken)
+    batch = RequestBatch.scan("srv", 0, broken)
     assert batch is not None
-    result = store.write_batches([batch])
+    result = store.write_requests([batch])
     store.refresh()
     stats = ReadStats()
     assert [e.event_id for e in store.query("fraud", T0, T0 + 10, stats=stats)] == ["srv0-0", "srv2-0"]
+    # The search stores expand on write and refuse it; the embedded store reads it only when asked.
     assert (len(result.rejected), stats.malformed) == ((0, 1) if store.kind == "sqlite" else (1, 0))
 
 
-def test_hand_overs_older_than_the_retention_are_pruned(store):
+def test_batches_older_than_the_retention_are_pruned(store):
     day = 86_400_000
-    store.write_batches([answered_batch(0, 3, times=[T0 - 3 * day] * 3), answered_batch(3, 2)])
+    store.write_requests([request_batch(0, 3, times=[T0 - 3 * day] * 3), request_batch(3, 2)])
     store.refresh()
     assert store.prune(T0 - day) >= 1
     store.refresh()
-    assert list(store.query("fraud", T0 - 10 * day, T0 + 99)) == events_of(answered_batch(3, 2))
+    assert list(store.query("fraud", T0 - 10 * day, T0 + 99)) == events_of(request_batch(3, 2))
 
 
-def test_an_embedded_store_keeps_a_hand_over_of_far_apart_times_as_single_requests(tmp_path):
+# --- the embedded store's own ---------------------------------------------------------------------
+
+
+def test_an_embedded_store_keeps_a_batch_of_far_apart_times_a_request_at_a_time(tmp_path):
     from monitoring.logstore.sqlite import MAX_SPAN_MS
 
     store = get_log_store(f"sqlite:///{tmp_path / 'inference.db'}")
-    wide = answered_batch(0, 3, times=[T0, T0 + MAX_SPAN_MS + 1, T0 + 5])
-    assert store.write_batches([wide]).written == wide.rows
-    assert list(store.query("fraud", T0, T0 + 10)) == events_of(wide)[:2]
+    wide = request_batch(0, 3, times=[T0, T0 + MAX_SPAN_MS + 1, T0 + 5])
+    assert store.write_requests([wide]).written == wide.rows
+    assert list(store.query("fraud", T0, T0 + 10)) == [e for e in events_of(wide) if e.ts_ms < T0 + 10]
     assert store.count("fraud", T0, T0 + 2 * MAX_SPAN_MS) == wide.rows
+    assert store.write_requests([wide]).duplicates == wide.rows  # sent again: stored once
     with sqlite3.connect(tmp_path / "inference.db") as db:
-        assert db.execute("SELECT COUNT(*) FROM batches").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*), MAX(count) FROM requests").fetchone() == (3, 1)
 
 
-def test_an_unreadable_line_of_a_hand_over_kept_as_single_requests_is_refused_and_counted(tmp_path):
-    """Kept as single requests, a hand-over cannot keep a line that is not a request in its body to
-    be counted when read: the store refuses that line, by its event id, and writes the others."""
-    from monitoring.logstore.sqlite import MAX_SPAN_MS
-
-    store = get_log_store(f"sqlite:///{tmp_path / 'inference.db'}")
-    good = answered_batch(0, 3, times=[T0, T0 + MAX_SPAN_MS + 1, T0 + 5])
-    lines = good.body.split(b"\n")
-    lines[1] = lines[1].replace(b'"stable"', b"stable", 1)  # its head still matches up to the model
-    broken = AnsweredBatch.scan("srv", 0, b"\n".join(lines))
-    assert broken is not None and broken.ts_max_ms - broken.ts_min_ms > MAX_SPAN_MS
-    result = store.write_batches([broken])
-    assert result.rejected == ["srv1: not an answered request"]
-    assert result.written == good.rows - 2  # request 1 has two rows
-    assert [e.event_id for e in store.query("fraud", T0, T0 + 2 * MAX_SPAN_MS)] == ["srv0-0", "srv2-0"]
-
-
-def test_an_embedded_store_of_the_first_layout_keeps_its_events(tmp_path):
-    """A file written by the first layout (a row per event, table ``events``) opens with its events."""
-    import orjson
-
+def test_an_embedded_store_of_another_layout_is_refused_and_left_as_it_is(tmp_path):
     path = tmp_path / "inference.db"
     with sqlite3.connect(path) as db:
-        db.execute(
-            "CREATE TABLE events (event_id TEXT NOT NULL UNIQUE, ts_ms INTEGER NOT NULL, model TEXT NOT NULL,"
-            " version TEXT NOT NULL, role TEXT NOT NULL, request_id TEXT NOT NULL, row INTEGER NOT NULL,"
-            " body BLOB NOT NULL)"
-        )
-        db.executemany(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(e.event_id, e.ts_ms, e.model, e.version, e.role, e.request_id, e.row, orjson.dumps(e.to_dict()))
-             for e in (event(i) for i in range(5))],
-        )  # fmt: skip
-    store = get_log_store(f"sqlite:///{path}")
-    store.write_requests([request(9, 2).logged()])
-    assert list(store.query("fraud", T0, T0 + 5)) == [event(i) for i in range(5)]
-    assert store.count("fraud", T0, T0 + 10) == 7
-    store.close()
+        db.execute("CREATE TABLE records (key TEXT)")
+        db.execute("PRAGMA user_version = 3")
+        db.execute("INSERT INTO records VALUES ('kept')")
+    with pytest.raises(ConfigError, match=r"was made by another layout \(user_version 3"):
+        get_log_store(f"sqlite:///{path}")
     with sqlite3.connect(path) as db:
-        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert "events" not in tables and get_log_store(f"sqlite:///{path}").count("fraud", T0, T0 + 10) == 7
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("records",)]
+        assert db.execute("SELECT key FROM records").fetchall() == [("kept",)]
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+
+
+def test_a_corrupt_embedded_store_is_a_refusal_not_an_outage(tmp_path):
+    """Retrying cannot mend a corrupt file: the writer must not spool for ever behind it."""
+    path = tmp_path / "inference.db"
+    store = get_log_store(f"sqlite:///{path}")
+    store.write([event(1)])
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the schema pages
+    path.write_bytes(bytes(data))
+    for name in ("inference.db-wal", "inference.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(BackendRefused):
+        broken = get_log_store(f"sqlite:///{path}")
+        broken.write_requests([request_batch(0, 2)])
+
+
+def test_an_embedded_store_locked_by_another_process_is_away_not_refusing(tmp_path):
+    path = tmp_path / "inference.db"
+    store = get_log_store(f"sqlite:///{path}?timeout_ms=200")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(BackendUnavailable):
+            store.write_requests([request_batch(0, 2)])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.write_requests([request_batch(0, 2)]).written == 3

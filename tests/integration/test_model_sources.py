@@ -77,3 +77,87 @@ def test_a_version_from_s3(tmp_path, monkeypatch):
     assert status["stable"]["uri"] == "s3://models/fraud/6"
     assert answer.status_code == 200 and answer.headers["x-model-version"] == "6"
     assert empty.status_code == 404 and "no objects under that prefix" in empty.json()["error"]
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    import boto3
+
+    with moto_server(tmp_path) as server:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": server.url,
+        }.items():
+            monkeypatch.setenv(key, value)
+        client = boto3.client("s3", endpoint_url=server.url)
+        client.create_bucket(Bucket="models")
+        yield client
+
+
+def upload(client, folder, prefix: str) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "models", f"{prefix}/{path.relative_to(folder)}")
+
+
+def test_a_prefix_fetches_its_own_folder_not_its_namesakes(tmp_path, s3):
+    from serving.examples import save_mlp
+    from serving.sources import fetch
+
+    upload(s3, save_mlp(tmp_path / "one", seed=1), "fraud/1")
+    upload(s3, save_mlp(tmp_path / "ten", seed=10), "fraud/10")
+    s3.put_object(Bucket="models", Key="fraud/10/extra.txt", Body=b"not version 1's")
+    got = fetch("s3://models/fraud/1", tmp_path / "cache", "http://127.0.0.1:1")
+    assert (got / "MLmodel").is_file() and not (got / "extra.txt").exists()
+    assert sorted(p.name for p in got.iterdir()) == sorted(
+        [".complete", *(p.name for p in (tmp_path / "one").iterdir())]
+    )
+
+
+@pytest.mark.parametrize("key", ["fraud/2/../../escaped.txt", "fraud/2//etc/escaped.txt"])
+def test_an_object_key_that_leads_out_of_the_download_folder_is_refused(tmp_path, s3, key):
+    from common.errors import InvalidInput
+    from serving.examples import save_mlp
+    from serving.sources import fetch
+
+    upload(s3, save_mlp(tmp_path / "two", seed=2), "fraud/2")
+    s3.put_object(Bucket="models", Key=key, Body=b"written anywhere")
+    cache = tmp_path / "deep" / "cache"
+    with pytest.raises(InvalidInput, match="points outside"):
+        fetch("s3://models/fraud/2", cache, "http://127.0.0.1:1")
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_concurrent_loads_of_one_uri_fetch_it_once_and_all_get_it_whole(tmp_path, s3, monkeypatch):
+    import threading
+
+    from serving import sources
+    from serving.examples import save_mlp
+
+    upload(s3, save_mlp(tmp_path / "three", seed=3), "fraud/3")
+    calls = []
+    real = sources._from_s3
+
+    def counted(*args):
+        calls.append(args)
+        real(*args)
+
+    monkeypatch.setattr(sources, "_from_s3", counted)
+    results, errors = [], []
+
+    def load() -> None:
+        try:
+            results.append(sources.fetch("s3://models/fraud/3", tmp_path / "cache", "http://127.0.0.1:1"))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(results) == 6 and len(set(results)) == 1
+    assert len(calls) == 1
+    assert (results[0] / "MLmodel").is_file() and (results[0] / ".complete").is_file()

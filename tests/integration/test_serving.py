@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serving.examples import fraud_transformer, save_mlp
+from tests.helpers import mlops_env, run_mlops
 from tests.servers import Admin, model_server
 
 pytestmark = pytest.mark.integration
@@ -194,7 +195,9 @@ def test_the_server_survives_bad_input_and_still_answers(http, guarded):
 # --- admin API ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "test-token", "Basic dGVzdA=="])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token", "test-admin-token-000", "Basic dGVzdA=="]
+)
 def test_admin_api_refuses_a_missing_or_wrong_token_and_changes_nothing(server, admin, models, authorization):
     admin.load("locked", "1", models["1"], role="stable")
     before = admin.status("locked")
@@ -215,6 +218,19 @@ def test_admin_api_refuses_a_missing_or_wrong_token_and_changes_nothing(server, 
     assert [a.status_code for a in attempts] == [401] * len(attempts)
     assert "admin token" in attempts[0].json()["error"]
     assert admin.status("locked") == before
+
+
+def test_a_wrong_token_is_a_configuration_error_exit_2_not_retried(server, admin, models, tmp_path):
+    admin.load("locked", "1", models["1"], role="stable")
+    wrong = tmp_path / "token"
+    wrong.write_text("not-the-admin-token-at-all\n")
+    run = run_mlops(
+        "serve", "status", "locked", "--target", server.url, "--token-file", str(wrong),
+        env=mlops_env(MLOPS_STATE_DIR=str(tmp_path)),
+    )  # fmt: skip
+    assert run.code == 2, run.stderr
+    assert run.json["error"]["type"] == "ConfigError"
+    assert f"model server at {server.url} refused the admin token" in run.json["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -283,6 +299,28 @@ def test_shadow_mode_answers_from_stable_and_mirrors_to_canary(admin, http, mode
         if line.startswith('mlops_batch_rows_count{model="shadow",version="2"}')
     ]
     assert mirrored and float(mirrored[0].split()[-1]) >= 30
+
+
+def test_shadow_mode_is_bounded_drops_mirrored_requests_past_it_and_stable_never_waits(tmp_path, models):
+    with model_server(tmp_path / "state", MLOPS_SERVING__SHADOW_MAX_PENDING="1") as bounded:
+        admin = Admin(bounded.url)
+        admin.load("shadow", "1", models["1"], role="stable")
+        admin.load("shadow", "2", models["2"], role="canary")
+        admin.traffic("shadow", 0, mode="shadow")
+        with Load(bounded.url, "shadow", concurrency=32) as load:
+            load.wait_for(1500)
+        metrics = httpx.get(f"{bounded.url}/metrics").text
+    assert load.errors == [] and set(load.codes) == {200} and set(load.versions) == {"1"}
+    dropped = [
+        line for line in metrics.splitlines() if line.startswith('mlops_shadow_dropped_total{model="shadow"')
+    ]
+    mirrored = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('mlops_batch_rows_count{model="shadow",version="2"}')
+    ]
+    assert dropped and float(dropped[0].split()[-1]) > 0
+    assert mirrored and float(mirrored[0].split()[-1]) > 0  # some were mirrored all the same
 
 
 # --- swaps under load -----------------------------------------------------------------------------
@@ -364,7 +402,7 @@ def test_a_restarted_server_restores_its_deployments(tmp_path, models):
         deadline = 60
         while deadline and second.process.poll() is None:
             body = httpx.get(
-                f"{second.url}/admin/v1/models", headers={"Authorization": "Bearer test-token"}
+                f"{second.url}/admin/v1/models", headers={"Authorization": "Bearer test-admin-token-000"}
             ).json()
             if body["models"] and body["models"][0]["canary"]:
                 break

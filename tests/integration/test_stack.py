@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -31,9 +33,22 @@ def stack(tmp_path_factory):
         assert demo.code == 0, demo.stderr[-3000:]
         status = run_mlops("stack", "status", "--json", env=env)
         assert status.code == 0, status.stderr[-3000:]
-        yield {"env": env, "demo": demo.json, "up": status.json, "state": state}
+        yield {
+            "env": env,
+            "demo": demo.json,
+            "demo_stdout": demo.stdout,
+            "demo_stderr": demo.stderr,
+            "up": status.json,
+            "state": state,
+        }
     finally:
         run_mlops("stack", "down", env=env, timeout=120)
+
+
+def airflow_password(stack) -> str:
+    """The admin password, read from the file the results point to (as the README says)."""
+    login = stack["up"]["airflow_login"]
+    return json.loads(Path(login["password_file"]).read_text())[login["user"]]
 
 
 def tree_pids(pid: int) -> set[int]:
@@ -52,10 +67,23 @@ def test_the_stack_comes_up_healthy_with_every_process_and_the_airflow_login(sta
         "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
     }  # fmt: skip
     assert all(s["health"] == "healthy" for s in up["components"]["airflow"]["services"].values())
-    assert up["airflow_login"]["user"] == "admin" and up["airflow_login"]["password"]
-    assert stack["demo"]["airflow_login"] == up["airflow_login"]
+    login = up["airflow_login"]
+    assert set(login) == {"url", "user", "password_file"} and login["user"] == "admin"
+    assert stack["demo"]["airflow_login"] == login
     assert up["watchdog"]["pid"] > 0
     assert up["components"]["serving"]["healthy"] is True
+
+
+def test_the_airflow_password_is_never_printed_and_its_file_is_private(stack):
+    password = airflow_password(stack)
+    assert len(password) >= 8
+    status = run_mlops("stack", "status", env=stack["env"])
+    for output in (stack["demo_stdout"], stack["demo_stderr"], status.stdout, status.stderr):
+        assert password not in output
+    assert f"password in {stack['up']['airflow_login']['password_file']}" in status.stdout
+    path = stack["state"] / "airflow" / "simple_auth_manager_passwords.json.generated"
+    assert str(path) == stack["up"]["airflow_login"]["password_file"]
+    assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
 
 
 def test_demo_deploys_registry_versions_and_canaries_the_second(stack):
@@ -119,7 +147,7 @@ def test_airflow_api_answers_with_the_printed_login(stack):
     health = httpx.get(f"{login['url']}/api/v2/monitor/health", timeout=10).json()
     assert health["metadatabase"]["status"] == "healthy"
     assert health["scheduler"]["status"] == "healthy"
-    with AirflowClient(login["url"], login["user"], login["password"]) as airflow:
+    with AirflowClient(login["url"], login["user"], airflow_password(stack)) as airflow:
         dag = airflow.wait_for_dag("check_runtime", timeout_s=120)
     assert dag["dag_id"] == "check_runtime"
 
@@ -140,7 +168,7 @@ def test_demo_reaches_the_runtime_and_the_registry_through_an_airflow_dag_run(st
     assert check["result"]["registry"]["url"] == stack["up"]["components"]["mlflow"]["url"]
     assert check["result"]["registry"]["reachable"] is True
     login = stack["up"]["airflow_login"]
-    with AirflowClient(login["url"], login["user"], login["password"]) as airflow:
+    with AirflowClient(login["url"], login["user"], airflow_password(stack)) as airflow:
         remembered = airflow.get_run("check_runtime", check["run"].rsplit("/", 1)[-1])
     assert remembered.state == "success"  # Airflow itself keeps the run, for the UI
 

@@ -22,11 +22,26 @@ def test_gpu_providers_that_are_compiled_in_but_cannot_load_are_not_offered():
     assert usable_providers() == (CPU_PROVIDER,)
 
 
-def test_every_offered_gpu_provider_really_runs_a_session():
-    for provider in usable_providers():
-        if provider in GPU_PROVIDERS:
-            session = ort.InferenceSession(_identity_model(), providers=[provider], enable_fallback=0)
-            assert provider in session.get_providers()
+def test_every_offered_provider_really_runs_a_session():
+    offered = usable_providers()
+    assert offered and offered[-1] == CPU_PROVIDER  # the loop runs on every host: the CPU at least
+    for provider in offered:
+        session = ort.InferenceSession(_identity_model(), providers=[provider], enable_fallback=0)
+        assert session.get_providers()[0] == provider
+
+
+def test_each_gpu_provider_compiled_in_is_probed_once_per_process(monkeypatch):
+    from serving import providers
+
+    probed: list[str] = []
+    monkeypatch.setattr(providers, "_loads", lambda provider: probed.append(provider) or False)
+    providers.usable_providers.cache_clear()
+    try:
+        assert usable_providers() == usable_providers() == (CPU_PROVIDER,)
+    finally:
+        providers.usable_providers.cache_clear()
+    compiled = [p for p in GPU_PROVIDERS if p in ort.get_available_providers()]
+    assert compiled and probed == compiled  # onnxruntime-gpu compiles them in: each tried, once
 
 
 @pytest.mark.skipif(not NO_GPU, reason="this host has a GPU")

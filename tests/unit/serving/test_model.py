@@ -72,6 +72,31 @@ def test_a_folder_without_mlmodel_is_not_a_model(tmp_path):
         read_bundle(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("flavor", "key", "name"),
+    [
+        ("onnx", "data", "/etc/hostname"),
+        ("onnx", "data", "../outside.onnx"),
+        ("onnx", "data", "link.onnx"),  # a link inside that points outside
+        ("pytorch", "model_data", "../.."),
+    ],
+)
+def test_a_path_in_mlmodel_that_leads_out_of_the_model_folder_is_refused(
+    mlp_dir, tmp_path, flavor, key, name
+):
+    import yaml
+
+    version = tmp_path / "version"
+    shutil.copytree(mlp_dir, version)
+    (tmp_path / "outside.onnx").write_bytes((version / "model.onnx").read_bytes())
+    (version / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+    mlmodel = yaml.safe_load((version / "MLmodel").read_text())
+    mlmodel["flavors"] = {flavor: {key: name}}
+    (version / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(InvalidInput, match=f"{key} points outside '{version}'"):
+        read_bundle(version)
+
+
 def test_a_corrupt_model_file_fails_at_load_not_at_request(mlp_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(mlp_dir, broken)

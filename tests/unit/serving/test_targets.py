@@ -17,10 +17,11 @@ def test_an_unknown_scheme_lists_the_known_ones(tmp_path):
 
 def test_http_urls_are_model_server_targets_with_the_admin_token(tmp_path):
     target = get_deployment_target(
-        "http://127.0.0.1:1", Settings(state_dir=tmp_path, serving={"admin_token": "s3cret"})
+        "http://127.0.0.1:1",
+        Settings(state_dir=tmp_path, serving={"admin_token": "s3cret-of-16-chars", "port": 1}),
     )
     assert isinstance(target, ServerTarget)
-    assert target._http.headers["Authorization"] == "Bearer s3cret"
+    assert target._http.headers["Authorization"] == "Bearer s3cret-of-16-chars"
 
 
 def test_a_server_that_does_not_answer_is_backend_unavailable(tmp_path):
