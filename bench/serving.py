@@ -96,6 +96,9 @@ class Load:
         return pinned(argv, self.server_cpus)
 
 
+ADMIN_TOKEN = "bench-admin-token-0001"  # the servers' admin API (16 characters at least)
+
+
 def cpu_list(spec: str | None, progress=None) -> str | None:
     """A taskset CPU list clamped to the CPUs this process may use (all of them when none is left)."""
     if not spec:
@@ -234,7 +237,7 @@ def ours_env(work: Path, name: str, port: int, logging_on: bool) -> dict[str, st
         **{k: v for k, v in os.environ.items() if not k.startswith("MLOPS_")},
         "MLOPS_STATE_DIR": str(work / f"{name}-state"),
         "MLOPS_SERVING__PORT": str(port),
-        "MLOPS_SERVING__ADMIN_TOKEN": "bench-admin-token-0001",
+        "MLOPS_SERVING__ADMIN_TOKEN": ADMIN_TOKEN,
         "MLOPS_LOGS__ENABLED": "true" if logging_on else "false",  # every prediction to the log store
     }
 
@@ -242,7 +245,7 @@ def ours_env(work: Path, name: str, port: int, logging_on: bool) -> dict[str, st
 def deploy(url: str, stable: Path, canary: Path | None = None) -> None:
     """Our server: the model ``bench``, one stable version and, when given, a 10 % canary."""
     admin = httpx.Client(
-        base_url=f"{url}/admin/v1/models", headers={"Authorization": "Bearer bench"}, timeout=120
+        base_url=f"{url}/admin/v1/models", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120
     )
     with admin:
         calls = [("POST", "/bench/versions", {"version": "1", "uri": str(stable), "role": "stable"})]

@@ -165,10 +165,14 @@ def inference_log(settings: Settings, began_ms: int, request_id: str, expected: 
     """Wait until every prediction of this demo is in the log, label the first request's rows,
     and read the labels back joined to their predictions."""
     from monitoring.logstore import get_log_store
+    from serving.auth import feedback_token
 
     labels = ["legit", "fraud", "legit"]
+    token = feedback_token(settings)  # none on loopback; the stack's own beyond it
     response = httpx.post(
-        f"{settings.serving_url}/v1/feedback", json={"request_id": request_id, "labels": labels}
+        f"{settings.serving_url}/v1/feedback",
+        json={"request_id": request_id, "labels": labels},
+        headers={"Authorization": f"Bearer {token}"} if token else {},
     )
     if response.status_code != 202:
         raise MLOpsError(f"feedback refused ({response.status_code}): {response.text[:300]}")

@@ -38,18 +38,18 @@ import orjson
 
 from common.errors import BackendRefused, BackendUnavailable, ConfigError, MLOpsError
 from monitoring.events import (
-    REQUEST_ID,
     Feedback,
     InferenceEvent,
     Labelled,
     LoggedRequest,
     MalformedEvent,
     RequestBatch,
+    logged_request_ids,
 )
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 PAGE = 2000  # single events per read
-BATCH_PAGE = 8  # batches (some 2,000 requests each at 10,000 requests/s) per read
+BATCH_PAGE = 500  # batches' columns per read (their bodies, up to some 2 MB each, are read one by one)
 # A batch whose requests' times lie further apart is kept as single-request batches: window reads
 # look back this far for a batch that began before the window.
 MAX_SPAN_MS = 600_000
@@ -70,7 +70,8 @@ CREATE TABLE requests (
     body BLOB NOT NULL,
     PRIMARY KEY (source, first)
 );
-CREATE INDEX requests_by_time ON requests (ts_min_ms);
+CREATE INDEX requests_by_start ON requests (ts_min_ms, source, first);
+CREATE INDEX requests_by_end ON requests (ts_max_ms, source, first);
 CREATE TABLE events (
     event_id TEXT NOT NULL PRIMARY KEY,
     ts_ms INTEGER NOT NULL,
@@ -90,8 +91,8 @@ CREATE TABLE feedback (
     PRIMARY KEY (request_id, row)
 );
 """
-_BATCH = "source, first, count, rows, ts_min_ms, ts_max_ms, models, body"  # a RequestBatch
-_INSERT_BATCH = f"INSERT INTO requests ({_BATCH}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_BATCH = "source, first, count, rows, ts_min_ms, ts_max_ms, models"  # a RequestBatch, but its body
+_INSERT_BATCH = f"INSERT INTO requests ({_BATCH}, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _EVENT = "event_id, ts_ms, body"  # what a read of single events needs
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (event_id, ts_ms, model, version, role, request_id, body)"
@@ -259,16 +260,11 @@ class SqliteLogStore:
             return set()
         sql = "SELECT DISTINCT request_id FROM events WHERE request_id IN (SELECT value FROM json_each(?))"
         found = {row[0] for row in self._read(sql, [orjson.dumps(sorted(wanted.values())).decode()])}
-        sql = "SELECT ts_max_ms, source, first, body FROM requests WHERE ts_max_ms >= ?"
-        page = f"{sql} AND (ts_max_ms, source, first) > (?, ?, ?) ORDER BY ts_max_ms, source, first LIMIT ?"
-        after: list[Any] = [-(2**62), "", -1]
-        while len(found) < len(wanted):
-            rows = self._read(page, [since_ms, *after, BATCH_PAGE])
-            for *_, body in rows:
-                found.update(wanted[r] for r in set(REQUEST_ID.findall(body)) & wanted.keys())
-            if len(rows) < BATCH_PAGE:
+        batches = self._batches_in("ts_max_ms", since_ms, "1", []) if len(found) < len(wanted) else ()
+        for batch in batches:
+            found.update(wanted[r] for r in set(logged_request_ids(batch.body)) & wanted.keys())
+            if len(found) == len(wanted):
                 break
-            after = list(rows[-1][:3])
         return found
 
     def _ordered(
@@ -299,19 +295,38 @@ class SqliteLogStore:
 
     def _batches(self, model: str, start_ms: int, end_ms: int) -> Iterator[RequestBatch]:
         """The batches holding requests of ``model`` that may lie in the window, by first time."""
-        sql = (
-            f"SELECT {_BATCH} FROM requests WHERE ts_min_ms >= ? AND ts_min_ms < ? AND ts_max_ms >= ?"
-            " AND EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)"
-            " AND (ts_min_ms, source, first) > (?, ?, ?) ORDER BY ts_min_ms, source, first LIMIT ?"
+        where = (
+            "ts_min_ms < ? AND ts_max_ms >= ? AND EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)"
         )
-        after: list[Any] = [-(2**62), "", -1]
+        return self._batches_in("ts_min_ms", start_ms - MAX_SPAN_MS, where, [end_ms, start_ms, model])
+
+    def _batches_in(
+        self, key: str, low: int | None, where: str, params: list[object], newest_first: bool = False
+    ) -> Iterator[RequestBatch]:
+        """The batches with ``key`` (ts_min_ms or ts_max_ms) at ``low`` or later that match
+        ``where``, in (key, source, first) order: their columns a page at a time, by keyset on the
+        index of that order (no OFFSET: a log of any number of small batches reads in one pass),
+        and each body read when its batch is reached (a page of bodies could be a gigabyte)."""
+        sign, order = ("<", "DESC") if newest_first else (">", "ASC")
+        sql = (
+            f"SELECT {_BATCH} FROM requests WHERE ({key}, source, first) {sign} (?, ?, ?) AND {where}"
+            f" ORDER BY {key} {order}, source {order}, first {order} LIMIT ?"
+        )
+        after: list[Any] = (
+            [2**62, "", 0] if newest_first else [-(2**62) if low is None else low, "", -(2**62)]
+        )
+        column = 5 if key == "ts_max_ms" else 4
         while True:
-            params = [start_ms - MAX_SPAN_MS, end_ms, start_ms, model]
-            page = self._read(sql, [*params, *after, BATCH_PAGE])
-            yield from map(_stored_batch, page)
+            page = self._read(sql, [*after, *params, BATCH_PAGE])
+            for row in page:
+                body = self._read(
+                    "SELECT body FROM requests WHERE source = ? AND first = ?", [row[0], row[1]]
+                )
+                if body:  # gone since the page was read: pruned
+                    yield RequestBatch(*row[:6], tuple(orjson.loads(row[6])), body[0][0])
             if len(page) < BATCH_PAGE:
                 return
-            after = [page[-1][4], page[-1][0], page[-1][1]]
+            after = [page[-1][column], page[-1][0], page[-1][1]]
 
     def _events(
         self, model: str, start_ms: int, end_ms: int, version: str | None, role: str | None
@@ -373,13 +388,10 @@ class SqliteLogStore:
 
     def _batches_by_end(self, model: str | None) -> Iterator[RequestBatch]:
         """The batches (holding requests of ``model``, or all), newest end first."""
-        where, params = ("WHERE EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)", [model]) if model else ("", [])  # fmt: skip
-        sql = f"SELECT {_BATCH} FROM requests {where} ORDER BY ts_max_ms DESC, source, first LIMIT ? OFFSET ?"
-        for offset in itertools.count(0, BATCH_PAGE):
-            page = self._read(sql, [*params, BATCH_PAGE, offset])
-            yield from map(_stored_batch, page)
-            if len(page) < BATCH_PAGE:
-                return
+        if model is None:
+            return self._batches_in("ts_max_ms", None, "1", [], newest_first=True)
+        where = "EXISTS (SELECT 1 FROM json_each(models) WHERE value = ?)"
+        return self._batches_in("ts_max_ms", None, where, [model], newest_first=True)
 
     def prune(self, older_than_ms: int) -> int:
         with self._transaction("prune") as db:
@@ -429,11 +441,6 @@ def _window(
             where.append(f"{column} = ?")
             params.append(value)
     return " AND ".join(where), params
-
-
-def _stored_batch(row: tuple[Any, ...]) -> RequestBatch:
-    """The batch of a row of ``_BATCH`` columns (its models kept as a JSON list)."""
-    return RequestBatch(*row[:6], tuple(orjson.loads(row[6])), row[7])
 
 
 def _narrow(batch: RequestBatch) -> list[RequestBatch]:

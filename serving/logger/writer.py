@@ -71,7 +71,10 @@ class LogWriter:
         self.spool = spool
         self.dead_letters = dead_letters
         self._pending: collections.deque[Item] = collections.deque()
-        self._queued = 0  # events in _pending
+        # Events submitted (by the reading thread) and taken (by the writing thread): each counter
+        # has one writer, so their difference, the backlog, needs no lock.
+        self._submitted = self._taken = 0
+        self._refused = self._dropped = 0  # events dropped: at submit (reading thread), later (writing)
         self._queue_events = queue_events
         self._batch_events = batch_events
         self._flush_s = flush_ms / 1000
@@ -90,16 +93,24 @@ class LogWriter:
 
     def submit(self, item: Item) -> None:
         held = events([item])
-        if self._queued + held > self._queue_events:
-            self._drop(held, "the log writer's queue is full (the store is slower than the traffic)")
+        if self.backlog + held > self._queue_events:
+            self._refused += held
+            self._trouble(
+                "queue", f"dropping {held} events: the log writer's queue is full (the store is slower)"
+            )
             return
         self._pending.append(item)
-        self._queued += held
+        self._submitted += held
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped so far: its queue full, the spool or the dead letters at their cap."""
+        return self._dropped + self._refused
 
     @property
     def backlog(self) -> int:
         """Events submitted and not yet written (to the store, the spool or the dead letters)."""
-        return self._queued
+        return self._submitted - self._taken
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Write everything submitted to the store or the spool, then stop."""
@@ -136,7 +147,7 @@ class LogWriter:
             while pending and size < self._batch_events:
                 item = pending.popleft()
                 held = events([item])
-                self._queued -= held
+                self._taken += held
                 items.append(item)
                 size += held
             self._deliver(items)
@@ -230,7 +241,7 @@ class LogWriter:
             self._drop(held, f"the spool {self.spool.folder} is at its cap ({self.spool.max_bytes} bytes)")
 
     def _drop(self, held: int, why: str) -> None:
-        self.stats["dropped"] += held
+        self._dropped += held
         self._trouble(why, f"dropping {held} events: {why}")
 
     def _trouble(self, kind: str, message: str) -> None:
@@ -258,6 +269,7 @@ class LogWriter:
         wakes a thread of the model server, which takes the GIL from the request path."""
         self.stats["spool_events"] = self.spool.events
         self.stats["store_up"] = int(self._store_up)
+        self.stats["dropped"] = self.dropped
         if self._report is None or self.stats == self._reported:
             return
         now = time.monotonic()

@@ -366,3 +366,21 @@ def test_an_embedded_store_locked_by_another_process_is_away_not_refusing(tmp_pa
         holder.execute("ROLLBACK")
         holder.close()
     assert store.write_requests([request_batch(0, 2)]).written == 3
+
+
+def test_a_window_of_many_small_batches_reads_whole_across_pages(store):
+    """A quiet model hands over a request at a time: more batches than one page of the store's
+    reads holds, read back exactly, newest and oldest alike."""
+    from monitoring.logstore.sqlite import BATCH_PAGE
+
+    count = BATCH_PAGE * 2 + 37
+    batches = [request_batch(i, 1, rows=[1], source="q") for i in range(count)]
+    store.write_requests(batches)
+    store.refresh()
+    assert [e.event_id for e in store.query("fraud", T0, T0 + count)] == [f"q{i:x}-0" for i in range(count)]
+    assert store.count("fraud", T0 + 1, T0 + count - 1) == count - 2
+    assert [e.event_id for e in store.latest("fraud", 3)] == [f"q{i:x}-0" for i in range(count - 3, count)]
+    assert store.known_requests(["req-0", f"req-{count - 1}", "nope"], T0 - 1) == {
+        "req-0",
+        f"req-{count - 1}",
+    }
