@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "show the rollout"),
     ):
         serve_commands.add_parser(name, help=text).add_argument("model")
-    for sub in serve_commands.choices.values():
+    for name, sub in serve_commands.choices.items():
         sub.add_argument("--target", metavar="URL", help=target_help)
         sub.add_argument(
             "--token-file",
@@ -114,7 +114,51 @@ def build_parser() -> argparse.ArgumentParser:
             help="the target's admin token, in a file (default: MLOPS_SERVING__TARGET_TOKEN; the stack's own"
             " model server: its admin token)",
         )
-        sub.set_defaults(handler=_serve)
+        if name != "analyze":
+            sub.set_defaults(handler=_serve)
+    analyze = serve_commands.add_parser(
+        "analyze",
+        help="compare the canary with stable over a window of the inference log: pass, fail or insufficient",
+    )
+    analyze.add_argument("model")
+    analyze.add_argument("--since", required=True, metavar="WHEN", help="1h, 30m, 2d ago, or an ISO time")
+    analyze.add_argument("--until", metavar="WHEN", help="end of the window (default: now)")
+    analyze.add_argument("--stable-version", help="default: the target's stable version")
+    analyze.add_argument("--canary-version", help="default: the target's canary version")
+    from serving.canary import Thresholds
+
+    defaults = Thresholds()
+    analyze.add_argument(
+        "--min-requests", type=int, default=defaults.min_requests, help="per role (default %(default)s)"
+    )
+    analyze.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="error test significance (default %(default)s)"
+    )
+    analyze.add_argument(
+        "--error-margin",
+        type=float,
+        default=defaults.error_margin,
+        help="error rate increase that fails (default %(default)s)",
+    )
+    analyze.add_argument(
+        "--p95-ratio-max",
+        type=float,
+        default=defaults.p95_ratio_max,
+        help="canary/stable p95 latency (default %(default)s)",
+    )
+    analyze.add_argument(
+        "--js-max",
+        type=float,
+        default=defaults.js_max,
+        help="prediction distributions' distance (default %(default)s)",
+    )
+    analyze.add_argument(
+        "--output", help="the output whose distribution is compared (default: label, else the first)"
+    )
+    analyze.add_argument(
+        "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
+    )
+    analyze.set_defaults(handler=_serve_analyze)
     manifests = serve_commands.add_parser(
         "manifests", help="render the KServe manifests (docker/k8s) from MLOPS_KSERVE__*"
     )
@@ -274,6 +318,16 @@ def _doctor(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    target = _target(settings, args)
+    command = args.serve_command
+    if command == "load":
+        return target.deploy(args.model, args.version, args.uri, args.role), 0
+    if command == "split":
+        return target.set_traffic(args.model, args.canary_percent, args.mode), 0
+    return getattr(target, command)(args.model), 0
+
+
+def _target(settings: Settings, args: argparse.Namespace) -> Any:
     from serving.targets import get_deployment_target
 
     token = None
@@ -288,13 +342,37 @@ def _serve(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
             raise ConfigError(
                 f"--token-file: the token in '{args.token_file}' is shorter than {MIN_TOKEN_CHARS} characters"
             )
-    target = get_deployment_target(args.target or settings.deployment_target, settings, token)
-    command = args.serve_command
-    if command == "load":
-        return target.deploy(args.model, args.version, args.uri, args.role), 0
-    if command == "split":
-        return target.set_traffic(args.model, args.canary_percent, args.mode), 0
-    return getattr(target, command)(args.model), 0
+    return get_deployment_target(args.target or settings.deployment_target, settings, token)
+
+
+def _serve_analyze(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.events import now_ms
+    from monitoring.logs import parse_time
+    from serving.canary import analyze
+
+    now = now_ms()
+    start = parse_time(args.since, now, "--since")
+    end = parse_time(args.until, now, "--until") if args.until else now
+    stable, canary = args.stable_version, args.canary_version
+    if stable is None or canary is None:
+        deployment = _target(settings, args).status(args.model)
+        stable = stable or (deployment.stable.version if deployment.stable else None)
+        canary = canary or (deployment.canary.version if deployment.canary else None)
+    if stable is None or canary is None:
+        raise InvalidInput(
+            f"model '{args.model}' has no {'stable' if stable is None else 'canary'} version to compare"
+        )
+    from serving.canary import Thresholds
+
+    thresholds = Thresholds(
+        args.min_requests, args.alpha, args.error_margin, args.p95_ratio_max, args.js_max, args.output
+    )
+    store = _log_store(settings, args)
+    return analyze(
+        store.query(args.model, start, end, stable, "stable"),
+        store.query(args.model, start, end, canary, "canary"),
+        thresholds,
+    ), 0
 
 
 def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

@@ -105,10 +105,15 @@ class Batcher:
                     outputs = await loop.run_in_executor(self._executor, self._compute, merged)
                 if alone:
                     self._lone_compute_s = time.perf_counter() - began
-            except Exception as exc:  # the model's failure: every request in the batch gets it
+            except Exception as exc:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                    continue
+                # One request may have caused it (an input the model overflows on): each alone, so
+                # only that one gets the error and the others their answers.
                 for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                    await self._alone(loop, pending)
                 continue
             start = 0
             for pending in batch:
@@ -116,6 +121,16 @@ class Batcher:
                 if not pending.future.done():  # the client may have gone
                     pending.future.set_result({name: value[start:end] for name, value in outputs.items()})
                 start = end
+
+    async def _alone(self, loop: asyncio.AbstractEventLoop, pending: _Pending) -> None:
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._compute, dict(pending.inputs))
+        except Exception as exc:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(outputs)
 
     async def _fill(self, deadline: float) -> None:
         assert self._wakeup is not None

@@ -27,7 +27,7 @@ from serving.batching import Batcher
 from serving.bundle import read_bundle
 from serving.model import VersionModel
 from serving.router import Mode, Role, Routing
-from serving.sources import fetch
+from serving.sources import fetch, resolve
 
 log = logging.getLogger(__name__)
 _RETIRE_CHECK_S = 5.0
@@ -243,6 +243,12 @@ class Deployments:
 
     def _load_blocking(self, name: str, version: str, uri: str) -> Loaded:
         serving = self.settings.serving
+        requested = uri
+        uri, aliased = resolve(requested, self.settings.mlflow_url)
+        if aliased is not None and aliased != version:
+            raise InvalidInput(
+                f"model '{name}': '{requested}' names version {aliased} now, not version {version}"
+            )
         path = fetch(uri, self.cache_dir, self.settings.mlflow_url)
         model = VersionModel(name, version, read_bundle(path), serving.max_request_rows, serving.threads)
         try:

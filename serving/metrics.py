@@ -40,6 +40,11 @@ UNKNOWN_CATEGORIES = Counter(
     "Raw categorical values a version's transformer had never seen",
     ["model", "version"],
 )
+NONFINITE = Counter(
+    "mlops_nonfinite_results_total",
+    "Computations refused because an input overflowed the model's float type or an output was not finite",
+    ["model", "version"],
+)
 LOADED = Gauge("mlops_model_loaded", "1 for each loaded version, by role", ["model", "version", "role"])
 
 

@@ -148,12 +148,30 @@ class VersionModel(kserve.Model):
             raise ModelNotReady(f"model '{self.name}' version {self.version} is not loaded")
         transformer = self.transformer
         if transformer is None:
-            return runtime.run(inputs)
-        feeds, unknown = transformer.encode(inputs)
+            return self._finite(runtime.run(inputs))
+        try:
+            feeds, unknown = transformer.encode(inputs)
+        except InvalidInput as exc:
+            metrics.NONFINITE.labels(self.name, self.version).inc()
+            raise InvalidInput(f"model '{self.name}' version {self.version}: {exc}") from None
         if unknown:
             self.unknown_categories += unknown
             metrics.UNKNOWN_CATEGORIES.labels(self.name, self.version).inc(unknown)
-        return transformer.decode(runtime.run(feeds))
+        return transformer.decode(self._finite(runtime.run(feeds)))
+
+    def _finite(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs, if every float in them is finite: a NaN or an infinity is never an answer
+        (JSON would carry it as null). One check per output and batch; the batcher retries a batch
+        that fails a request at a time, so only the request that caused it gets the error."""
+        for name, array in outputs.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                metrics.NONFINITE.labels(self.name, self.version).inc()
+                rows = sorted({int(r) for r in np.argwhere(~np.isfinite(array))[:, 0]})
+                raise InvalidInput(
+                    f"model '{self.name}' version {self.version}: output '{name}' is not finite for input"
+                    f" row(s) {rows[:10]}: the input is out of the range the model computes in"
+                )
+        return outputs
 
     def v1_predictions(self, outputs: Mapping[str, np.ndarray]) -> list[Any]:
         if self.transformer is not None:

@@ -3,8 +3,9 @@
 ``fetch`` turns a URI into a local MLflow model directory, downloading it once into the cache:
 
 - ``/path/to/model`` or ``file:///path``: used in place;
-- ``models:/<name>/<version>``, ``models:/<name>@<alias>``, ``runs:/...``, ``mlflow-artifacts:/...``:
-  downloaded through the MLflow tracking server (which serves the artifacts, local or S3);
+- ``models:/<name>/<version>``, ``runs:/...``, ``mlflow-artifacts:/...``: downloaded through the
+  MLflow tracking server (which serves the artifacts, local or S3); ``models:/<name>@<alias>`` is
+  first resolved to the version the alias names (``resolve``);
 - ``s3://bucket/prefix``: downloaded with boto3 (``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``
   for an S3-compatible store; credentials from the environment, as boto3 reads them).
 """
@@ -22,6 +23,34 @@ from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
 
 _MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 _DONE = ".complete"
+
+
+def resolve(uri: str, tracking_uri: str) -> tuple[str, str | None]:
+    """``models:/<name>@<alias>`` as the version the alias names now (``models:/<name>/<version>``,
+    the version): fetched and cached under that, so a moved alias never serves the bytes of the
+    version it used to name. Any other URI as it is, and None."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "models" or "@" not in uri:
+        return uri, None
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = MlflowClient(
+            tracking_uri=tracking_uri, registry_uri=tracking_uri
+        ).get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+            raise ModelNotFound(
+                f"model uri '{uri}': no alias '{alias}' on model '{name}' at {tracking_uri}"
+            ) from exc
+        raise BackendUnavailable(
+            f"MLflow at {tracking_uri} could not resolve '{uri}': {exc.message}"
+        ) from exc
+    except OSError as exc:
+        raise BackendUnavailable(f"MLflow at {tracking_uri} is unreachable for '{uri}': {exc}") from exc
+    return f"models:/{name}/{version.version}", str(version.version)
 
 
 def fetch(uri: str, cache_dir: Path, tracking_uri: str) -> Path:

@@ -103,7 +103,8 @@ class Transformer:
         for feature in self.features:
             values = features[feature.name]
             if feature.type == "numeric":
-                matrix[:, column] = (values.astype(np.float64) - feature.mean) / feature.scale
+                with np.errstate(over="ignore"):  # a value beyond FP32 becomes inf: refused below
+                    matrix[:, column] = (values.astype(np.float64) - feature.mean) / feature.scale
             else:
                 index = {c: i for i, c in enumerate(feature.categories)}
                 for row, value in enumerate(values):
@@ -113,7 +114,22 @@ class Transformer:
                     else:
                         matrix[row, column + position] = 1.0
             column += feature.width
+        if not np.isfinite(matrix).all():  # one check a batch; finding the feature only when it fails
+            raise self._overflow(features, matrix)
         return {self.input: matrix}, unknown
+
+    def _overflow(self, features: Mapping[str, np.ndarray], matrix: np.ndarray) -> InvalidInput:
+        """A numeric feature whose value, standardised, does not fit the model's FP32 tensor."""
+        column = 0
+        for feature in self.features:
+            if feature.type == "numeric" and not np.isfinite(matrix[:, column]).all():
+                row = int(np.flatnonzero(~np.isfinite(matrix[:, column]))[0])
+                value = features[feature.name][row]
+                return InvalidInput(
+                    f"input '{feature.name}' value {value!r} is out of the range the model computes in (FP32)"
+                )
+            column += feature.width
+        return InvalidInput("an input is out of the range the model computes in (FP32)")
 
     def decode(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's output tensor -> named outputs (scores, and the best label when labelled)."""

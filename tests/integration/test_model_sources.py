@@ -48,6 +48,42 @@ def test_a_version_from_the_mlflow_registry(tmp_path):
     assert "models:/registry-model/99" in missing.json()["error"]
 
 
+def test_an_alias_is_loaded_as_the_version_it_names_now_not_the_one_it_named(tmp_path):
+    import mlflow
+    import mlflow.onnx
+    from mlflow import MlflowClient
+
+    with mlflow_server(tmp_path / "mlflow") as registry:
+        mlflow.set_tracking_uri(registry.url)
+        versions = []
+        for seed in (7, 8):
+            with mlflow.start_run():
+                info = mlflow.onnx.log_model(
+                    mlp_onnx(16, 8, 2, seed=seed), name="model", registered_model_name="aliased"
+                )
+            versions.append(str(info.registered_model_version))
+        client = MlflowClient(registry.url)
+        client.set_registered_model_alias("aliased", "champion", versions[0])
+        with model_server(tmp_path / "serving", MLOPS_MLFLOW__URL=registry.url) as server:
+            admin = Admin(server.url)
+            first = admin.load("aliased", versions[0], "models:/aliased@champion", role="stable")
+            client.set_registered_model_alias("aliased", "champion", versions[1])
+            moved = admin.load("aliased", versions[1], "models:/aliased@champion", role="stable")
+            wrong = admin.http.post(
+                "/aliased/versions", json={"version": versions[0], "uri": "models:/aliased@champion"}
+            )
+            missing = admin.http.post(
+                "/aliased/versions", json={"version": "1", "uri": "models:/aliased@nope"}
+            )
+    assert first["stable"]["uri"] == f"models:/aliased/{versions[0]}"
+    assert moved["stable"]["uri"] == f"models:/aliased/{versions[1]}"
+    assert (
+        moved["stable"]["sha256"] != first["stable"]["sha256"]
+    )  # the other version's bytes, not the cached ones
+    assert wrong.status_code == 400 and f"names version {versions[1]} now" in wrong.json()["error"]
+    assert missing.status_code == 404 and "no alias 'nope'" in missing.json()["error"]
+
+
 def test_a_version_from_s3(tmp_path, monkeypatch):
     import boto3
 

@@ -118,6 +118,21 @@ def test_named_raw_features_in_named_labels_out(admin, http, models):
     assert outputs[1]["shape"] == [2, 2]
 
 
+def test_a_value_the_model_overflows_on_is_an_error_naming_the_input_never_null_scores(admin, http, models):
+    admin.load("fraud", "7", models["fraud"], role="stable")
+    response = v1(
+        http, "fraud", [{"amount": 1e300, "age_days": 30, "country": "FR"}]
+    )  # finite JSON, not FP32
+    assert response.status_code == 400, response.text
+    assert "input 'amount' value 1e+300 is out of the range the model computes in" in response.json()["error"]
+    counted = [
+        line
+        for line in http.get("/metrics").text.splitlines()
+        if line.startswith("mlops_nonfinite_results_total")
+    ]
+    assert counted and float(counted[0].split()[-1]) >= 1
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

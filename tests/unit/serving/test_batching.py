@@ -82,6 +82,27 @@ def test_max_wait_holds_a_batch_open_for_late_requests():
     assert compute.batches == [2]
 
 
+def test_a_batch_that_fails_on_one_request_fails_only_that_one():
+    """A request whose input the model cannot compute must not take the others in its batch down."""
+
+    def compute(inputs):
+        time.sleep(0.01)  # long enough for the others to queue behind the first
+        if (inputs["x"] < 0).any():
+            raise ValueError("negative input")
+        return {"y": inputs["x"] * 2}
+
+    async def main():
+        batcher = Batcher(compute, max_rows=64, max_wait_ms=0, name="t")
+        answers = await gather(batcher, [rows(1), rows(2), rows(-3), rows(4), rows(5, n=2)])
+        batcher.close()
+        return answers
+
+    first, second, bad, fourth, fifth = asyncio.run(main())
+    assert isinstance(bad, ValueError)
+    assert [float(a["y"][0, 0]) for a in (first, second, fourth, fifth)] == [2, 4, 8, 10]
+    assert fifth["y"].shape == (2, 3)
+
+
 def test_a_failing_batch_fails_every_request_in_it_and_the_batcher_goes_on():
     compute = Recorder(fail=True)
 

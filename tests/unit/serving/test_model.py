@@ -143,3 +143,22 @@ def test_a_pickled_pytorch_module_is_refused_with_the_reason(tmp_path):
     )
     with pytest.raises(ModelNotReady, match="is not a TorchScript module"):
         VersionModel("pickled", "1", read_bundle(tmp_path / "pickled")).load()
+
+
+def test_a_raw_feature_the_model_overflows_on_is_refused_naming_it(fraud):
+    from serving.metrics import NONFINITE
+
+    before = NONFINITE.labels("fraud", fraud.version)._value.get()
+    arrays = fraud.decoder.v1({"instances": [{"amount": 1e300, "age_days": 3, "country": "DE"}]})
+    with pytest.raises(
+        InvalidInput, match=r"input 'amount' value 1e\+300 is out of the range the model computes in"
+    ):
+        fraud.compute(arrays)
+    assert NONFINITE.labels("fraud", fraud.version)._value.get() == before + 1
+
+
+def test_a_non_finite_output_is_never_an_answer(mlp):
+    arrays = mlp.decoder.v1({"instances": [[3e38] * 16, [0.1] * 16]})  # finite in FP32, not once multiplied
+    with pytest.raises(InvalidInput, match=r"output '\w+' is not finite for input row\(s\) \[0\]"):
+        mlp.compute(arrays)
+    assert np.isfinite(mlp.compute(mlp.decoder.v1({"instances": [[0.1] * 16]}))["probabilities"]).all()
