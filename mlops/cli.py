@@ -128,30 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     from serving.canary import Thresholds
 
     defaults = Thresholds()
-    analyze.add_argument(
-        "--min-requests", type=int, default=defaults.min_requests, help="per role (default %(default)s)"
-    )
-    analyze.add_argument(
-        "--alpha", type=float, default=defaults.alpha, help="error test significance (default %(default)s)"
-    )
-    analyze.add_argument(
-        "--error-margin",
-        type=float,
-        default=defaults.error_margin,
-        help="error rate increase that fails (default %(default)s)",
-    )
-    analyze.add_argument(
-        "--p95-ratio-max",
-        type=float,
-        default=defaults.p95_ratio_max,
-        help="canary/stable p95 latency (default %(default)s)",
-    )
-    analyze.add_argument(
-        "--js-max",
-        type=float,
-        default=defaults.js_max,
-        help="prediction distributions' distance (default %(default)s)",
-    )
+    for flag, kind, what in (
+        ("--min-requests", int, "requests per role to decide at all"),
+        ("--alpha", float, "significance of the error-rate test"),
+        ("--error-margin", float, "error-rate increase that fails"),
+        ("--p95-ratio-max", float, "canary/stable p95 latency at most"),
+        ("--js-max", float, "prediction distributions' distance at most"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        analyze.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
     analyze.add_argument(
         "--output", help="the output whose distribution is compared (default: label, else the first)"
     )
