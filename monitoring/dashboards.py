@@ -114,7 +114,8 @@ def grafana_dashboard() -> dict[str, Any]:
             "Inference log: events dropped (by reason), rejected and dead-lettered per second",
             "sum by (reason) (rate(mlops_log_events_dropped_total[5m]))"
             " or label_replace(rate(mlops_log_events_rejected_total[5m]), 'reason', 'rejected', '', '')"
-            " or label_replace(rate(mlops_log_events_dead_lettered_total[5m]), 'reason', 'dead_lettered', '', '')",
+            " or label_replace(sum by (reason) (rate(mlops_log_events_dead_lettered_total[5m])),"
+            " 'reason', 'dead-lettered: $1', 'reason', '(.*)')",
             "none",
         ),
         (

@@ -46,7 +46,9 @@ SPOOL_EVENTS = Gauge("mlops_log_spool_events", "Events in the local spool, waiti
 REJECTED = Counter("mlops_log_events_rejected_total", "Events the log store refused one by one, as invalid")
 DEAD_LETTERED = Counter(
     "mlops_log_events_dead_lettered_total",
-    "Events the log store refused as a whole (credentials, a corrupt database): kept in the dead letters",
+    "Events the log store refused as a whole (credentials, a corrupt database), kept in the dead letters,"
+    " by the kind of error (BackendRefused, or what nobody foresaw)",
+    ["reason"],
 )
 MALFORMED = Counter("mlops_log_lines_malformed_total", "Lines the log writer could not read, skipped")
 FEEDBACK_KEPT = Counter(
@@ -63,7 +65,6 @@ _COUNTERS = {
     "written": WRITTEN,
     "spooled": SPOOLED,
     "rejected": REJECTED,
-    "dead_lettered": DEAD_LETTERED,
     "dropped": DROPPED.labels("writer"),
     "malformed": MALFORMED,
     "feedback_kept": FEEDBACK_KEPT,
@@ -217,11 +218,15 @@ class InferenceLogger:
     def _read_reports(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
         reported = dict.fromkeys(_COUNTERS, 0)  # a new writer counts from 0
+        refused: dict[str, int] = {}
         for line in process.stdout:
-            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
                 stats = orjson.loads(line)
                 for key, counter in _COUNTERS.items():
                     counter.inc(max(0, stats[key] - reported[key]))
                     reported[key] = stats[key]
+                for reason, count in stats["dead_lettered_by"].items():
+                    DEAD_LETTERED.labels(reason).inc(max(0, count - refused.get(reason, 0)))
+                    refused[reason] = count
                 SPOOL_EVENTS.set(stats["spool_events"])
                 STORE_UP.set(stats["store_up"])

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -65,7 +66,7 @@ class LogWriter:
         retry_s: float = 1.0,
         queue_events: int = 100_000,
         feedback_lookback_s: float = 86_400.0,
-        report: Callable[[dict[str, int]], None] | None = None,
+        report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -83,8 +84,9 @@ class LogWriter:
         self._report = report
         self._store_up = True
         self._next_retry = 0.0
-        self.stats = dict.fromkeys(COUNTS, 0) | {"spool_events": spool.events, "store_up": 1}
-        self._reported: dict[str, int] = {}
+        self.stats: dict[str, Any] = dict.fromkeys(COUNTS, 0) | {"spool_events": spool.events, "store_up": 1}
+        self._refusals: dict[str, int] = {}  # events dead-lettered, by the kind of error
+        self._reported: dict[str, Any] = {}
         self._reported_at = -REPORT_EVERY_S
         self._logged: dict[str, float] = {}  # trouble -> when it was last logged
         self._stop = threading.Event()
@@ -224,6 +226,7 @@ class LogWriter:
             self._drop(held, f"the dead letters are at their cap; the store refused them: {reason}")
             return
         self.stats["dead_lettered"] += held
+        self._refusals[type(exc).__name__] = self._refusals.get(type(exc).__name__, 0) + held
         with contextlib.suppress(OSError), (self.dead_letters.folder / "reasons.log").open("a") as out:
             out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {held} events: {reason}\n")
         self._trouble(
@@ -270,6 +273,7 @@ class LogWriter:
         self.stats["spool_events"] = self.spool.events
         self.stats["store_up"] = int(self._store_up)
         self.stats["dropped"] = self.dropped
+        self.stats["dead_lettered_by"] = dict(self._refusals)
         if self._report is None or self.stats == self._reported:
             return
         now = time.monotonic()
@@ -383,7 +387,7 @@ def main() -> int:
     settings = load_settings()
     out = sys.stdout.buffer
 
-    def report(stats: dict[str, int]) -> None:
+    def report(stats: dict[str, Any]) -> None:
         out.write(orjson.dumps(stats) + b"\n")
         out.flush()
 

@@ -463,6 +463,27 @@ def test_the_writer_process_stores_what_the_model_server_hands_over(tmp_path, mo
 # --- the writer: outages, refusals, bounds ------------------------------------------------------
 
 
+def test_the_writers_counts_reach_metrics_with_the_reason_of_what_was_dead_lettered():
+    from serving.logger.client import DEAD_LETTERED, DROPPED, FEEDBACK_UNKNOWN
+    from serving.logger.writer import COUNTS
+
+    stats = dict.fromkeys(COUNTS, 0) | {"spool_events": 0, "store_up": 1}
+    reports = [
+        stats | {"dropped": 4, "dead_lettered": 10, "dead_lettered_by": {"BackendRefused": 10}},
+        stats | {"dropped": 6, "dead_lettered": 13, "feedback_unknown": 2,
+                 "dead_lettered_by": {"BackendRefused": 10, "KeyError": 3}},
+    ]  # fmt: skip
+    script = f"import sys; print({orjson.dumps(reports[0]).decode()!r}); print({orjson.dumps(reports[1]).decode()!r}, flush=True); sys.stdin.read()"
+    before = [DEAD_LETTERED.labels(r)._value.get() for r in ("BackendRefused", "KeyError")]
+    dropped, unknown = DROPPED.labels("writer")._value.get(), FEEDBACK_UNKNOWN._value.get()
+    logger = InferenceLogger([sys.executable, "-c", script], flush_ms=60_000)
+    wait_until(lambda: DEAD_LETTERED.labels("KeyError")._value.get() == before[1] + 3)
+    assert DEAD_LETTERED.labels("BackendRefused")._value.get() == before[0] + 10
+    assert DROPPED.labels("writer")._value.get() == dropped + 6
+    assert FEEDBACK_UNKNOWN._value.get() == unknown + 2
+    logger.close(timeout_s=5)
+
+
 def test_an_outage_spools_and_everything_arrives_in_order_after_it(tmp_path):
     store = FlakyStore()
     logs = writer(store, tmp_path)
