@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     manifests.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     manifests.set_defaults(handler=_serve_manifests)
 
+    deploy = commands.add_parser("deploy", help="the deploy DAG's steps: verify a registered version")
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
+    verify = deploy_commands.add_parser(
+        "verify", help="refuse a version unless its bytes, signature, runtime and input example check out"
+    )
+    verify.add_argument("model")
+    verify.add_argument("--version", required=True, help="the registry version")
+    verify.set_defaults(handler=_deploy_verify)
+
     logs = commands.add_parser("logs", help="the inference log: query a window, tail, prune")
     logs_commands = logs.add_subparsers(dest="logs_command", required=True, parser_class=_Parser)
     query = logs_commands.add_parser(
@@ -358,6 +367,12 @@ def _serve_analyze(settings: Settings, args: argparse.Namespace) -> tuple[Any, i
         store.query(args.model, start, end, canary, "canary"),
         thresholds,
     ), 0
+
+
+def _deploy_verify(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.verify import verify_version
+
+    return verify_version(args.model, args.version, settings), 0
 
 
 def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
