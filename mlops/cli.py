@@ -340,13 +340,9 @@ def _target(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def _serve_analyze(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
-    from monitoring.events import now_ms
-    from monitoring.logs import parse_time
     from serving.canary import analyze
 
-    now = now_ms()
-    start = parse_time(args.since, now, "--since")
-    end = parse_time(args.until, now, "--until") if args.until else now
+    start, end = _window(args)
     stable, canary = args.stable_version, args.canary_version
     if stable is None or canary is None:
         deployment = _target(settings, args).status(args.model)
@@ -392,13 +388,21 @@ def _log_store(settings: Settings, args: argparse.Namespace) -> Any:
     return get_log_store(args.store or settings.log_store_url, **settings.log_store_options())
 
 
-def _logs_query(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+def _window(args: argparse.Namespace) -> tuple[int, int]:
+    """``--since`` and ``--until`` (default: now) as epoch milliseconds."""
     from monitoring.events import now_ms
-    from monitoring.logs import parse_time, summarize
+    from monitoring.logs import parse_time
 
     now = now_ms()
-    start = parse_time(args.since, now, "--since")
-    end = parse_time(args.until, now, "--until") if args.until else now
+    return parse_time(args.since, now, "--since"), parse_time(
+        args.until, now, "--until"
+    ) if args.until else now
+
+
+def _logs_query(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.logs import summarize
+
+    start, end = _window(args)
     store = _log_store(settings, args)
     if args.jsonl:
         for event in store.query(args.model, start, end, args.version, args.role):

@@ -25,6 +25,11 @@ _MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 _DONE = ".complete"
 
 
+def mlflow_not_found(exc: Exception) -> bool:
+    """Whether an MlflowException says the thing asked for does not exist (else MLflow failed)."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
+
+
 def resolve(uri: str, tracking_uri: str) -> tuple[str, str | None]:
     """``models:/<name>@<alias>`` as the version the alias names now (``models:/<name>/<version>``,
     the version): fetched and cached under that, so a moved alias never serves the bytes of the
@@ -41,7 +46,7 @@ def resolve(uri: str, tracking_uri: str) -> tuple[str, str | None]:
             tracking_uri=tracking_uri, registry_uri=tracking_uri
         ).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if mlflow_not_found(exc):
             raise ModelNotFound(
                 f"model uri '{uri}': no alias '{alias}' on model '{name}' at {tracking_uri}"
             ) from exc
@@ -101,7 +106,7 @@ def _from_mlflow(uri: str, staging: Path, tracking_uri: str) -> None:
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging))
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if mlflow_not_found(exc):
             raise ModelNotFound(
                 f"model uri '{uri}' is not in the registry at {tracking_uri}: {exc.message}"
             ) from exc

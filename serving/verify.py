@@ -49,14 +49,14 @@ def verify_version(model: str, version: str, settings: Settings) -> Verification
 
     from serving.bundle import read_bundle
     from serving.model import VersionModel
-    from serving.sources import fetch
+    from serving.sources import fetch, mlflow_not_found
 
     where = f"model '{model}' version {version}"
     client = MlflowClient(tracking_uri=settings.mlflow_url, registry_uri=settings.mlflow_url)
     try:
         registered = client.get_model_version(model, version)
     except MlflowException as exc:
-        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
+        if mlflow_not_found(exc):
             raise ModelNotFound(f"{where} is not in the registry at {settings.mlflow_url}") from exc
         raise BackendUnavailable(f"MLflow at {settings.mlflow_url}: {exc.message}") from exc
     uri = f"models:/{model}/{version}"

@@ -368,12 +368,14 @@ class SqliteLogStore:
         sql = f"SELECT {_EVENT} FROM events {where} ORDER BY ts_ms DESC, event_id DESC LIMIT ?"
         records: list[Record] = [*self._read(sql, [*params, limit]), *self._latest_requests(model, limit)]
         records.sort(key=_order, reverse=True)
-        newest: list[InferenceEvent] = []
-        for record in records:  # newest first; a record's own events in their order
-            if len(newest) >= limit:
+        taken: list[list[InferenceEvent]] = []  # newest record first; each record's events in order
+        found = 0
+        for record in records:
+            if found >= limit:
                 break
-            newest = [*_expand(record, None), *newest]
-        return newest[-limit:]
+            taken.append(_expand(record, None))
+            found += len(taken[-1])
+        return [event for events in reversed(taken) for event in events][-limit:]
 
     def _latest_requests(self, model: str | None, limit: int) -> list[LoggedRequest]:
         """The newest requests of the batches (of one model, or all), enough for ``limit`` events.

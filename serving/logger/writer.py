@@ -225,7 +225,6 @@ class LogWriter:
         if not self.dead_letters.append(items):
             self._drop(held, f"the dead letters are at their cap; the store refused them: {reason}")
             return
-        self.stats["dead_lettered"] += held
         self._refusals[type(exc).__name__] = self._refusals.get(type(exc).__name__, 0) + held
         with contextlib.suppress(OSError), (self.dead_letters.folder / "reasons.log").open("a") as out:
             out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {held} events: {reason}\n")
@@ -274,6 +273,7 @@ class LogWriter:
         self.stats["store_up"] = int(self._store_up)
         self.stats["dropped"] = self.dropped
         self.stats["dead_lettered_by"] = dict(self._refusals)
+        self.stats["dead_lettered"] = sum(self._refusals.values())
         if self._report is None or self.stats == self._reported:
             return
         now = time.monotonic()
