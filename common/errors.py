@@ -39,5 +39,9 @@ class BackendRefused(MLOpsError):
     corrupt database): trying again will not help until someone fixes the cause."""
 
 
+class LeaseHeld(MLOpsError):
+    """A model another rollout holds the lease of: wait for it to end (worth trying again later)."""
+
+
 class StackError(MLOpsError):
     """A component of the embedded stack that failed to start, answer, or stop."""

@@ -3,8 +3,13 @@
 Loading a version (fetch, read, open the runtime, smoke-test) runs in a worker thread, off the
 request path; only a fully loaded version is put into a model's routing, in one assignment.
 A replaced version keeps serving the requests that already hold it, and its batcher closes once
-it is idle. The state (which version is stable, which canary, the split) is written to
+it is idle. The state (which version is stable, which canary, the split, the leases) is written to
 ``<state_dir>/serving/deployments.json`` after each change, and restored when the server starts.
+
+A rollout holds a model's **lease**: one owner (a deploy run) at a time, for a time it renews.
+While a lease is held only its owner may change the model; when it runs out unrenewed (the run
+died, Airflow is down) the server rolls the canary back by itself, so a canary share never
+outlives the run that set it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import kserve
 
-from common.errors import InvalidInput, MLOpsError, ModelNotFound, ModelNotReady
+from common.errors import InvalidInput, LeaseHeld, MLOpsError, ModelNotFound, ModelNotReady
 from common.settings import Settings
 from serving import metrics
 from serving.batching import Batcher
@@ -31,6 +36,18 @@ from serving.sources import fetch, resolve
 
 log = logging.getLogger(__name__)
 _RETIRE_CHECK_S = 5.0
+LEASE_CHECK_S = 1.0
+MAX_LEASE_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str
+    expires_at: float  # epoch seconds
+    record: dict[str, Any]  # the owner's progress (the rollout record), kept with the lease
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return {"model": name, "owner": self.owner, "expires_at": self.expires_at, "record": self.record}
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,10 @@ class Deployments:
         self.cache_dir = settings.serving_dir / "models"
         self._routing: dict[str, Routing[Loaded]] = {}
         self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
+        self._leases: dict[str, Lease] = {}
+        self.expired: dict[
+            str, dict[str, Any]
+        ] = {}  # model -> the last lease that ran out, and what it undid
         self._repository: kserve.model_repository.ModelRepository | None = None  # set by attach()
         self.restored = False  # until the saved deployments are back, the server is not ready
 
@@ -173,6 +194,90 @@ class Deployments:
                 self._retire(loaded)
         return {"model": name, "unloaded": True}
 
+    # --- leases: one rollout at a time per model ------------------------------------------------
+
+    def check_owner(self, name: str, owner: str | None) -> None:
+        """Refuse a change to a model whose lease someone else holds."""
+        lease = self._live_lease(name)
+        if lease is not None and lease.owner != owner:
+            raise LeaseHeld(
+                f"model '{name}' is being rolled out by '{lease.owner}' (lease until"
+                f" {_iso(lease.expires_at)}); only that owner may change it until it ends or the lease runs out"
+            )
+
+    async def take_lease(
+        self, name: str, owner: str, ttl_s: float, record: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Take or renew the lease for ``ttl_s`` seconds; ``record`` replaces the kept record if given."""
+        if not owner:
+            raise InvalidInput("field 'owner' must be a non-empty string")
+        if not 0 < ttl_s <= MAX_LEASE_S:
+            raise InvalidInput(f"field 'ttl_s' must be between 0 and {MAX_LEASE_S:g} seconds, got {ttl_s}")
+        async with self._lock:
+            self.check_owner(name, owner)
+            current = self._live_lease(name)
+            kept = record if record is not None else (current.record if current else {})
+            self._leases[name] = Lease(owner, time.time() + ttl_s, kept)
+            self._save()
+        return self.lease(name)
+
+    async def release_lease(self, name: str, owner: str) -> dict[str, Any]:
+        async with self._lock:
+            self.check_owner(name, owner)
+            self._leases.pop(name, None)
+            self._save()
+        return self.lease(name)
+
+    def lease(self, name: str) -> dict[str, Any]:
+        lease = self._live_lease(name)
+        if lease is None:
+            return {"model": name, "owner": None, "expired": self.expired.get(name)}
+        return lease.describe(name)
+
+    def _live_lease(self, name: str) -> Lease | None:
+        lease = self._leases.get(name)
+        return lease if lease is not None and lease.expires_at > time.time() else None
+
+    async def watch_leases(self) -> None:
+        """Forever: end each lease that ran out, rolling back the canary it left (a server task)."""
+        while True:
+            await asyncio.sleep(LEASE_CHECK_S)
+            try:
+                await self.expire_leases()
+            except Exception:  # the watcher must outlive one bad model
+                log.exception("lease check failed")
+
+    async def expire_leases(self) -> None:
+        now = time.time()
+        for name, lease in list(self._leases.items()):
+            if lease.expires_at > now:
+                continue
+            undone = None
+            async with self._lock:
+                if self._leases.get(name) is not lease:
+                    continue
+                del self._leases[name]
+                routing = self._routing.get(name)
+                if routing is not None and routing.canary is not None:
+                    undone = routing.canary
+                    self._set(name, routing.rolled_back())
+                else:
+                    self._save()
+            if undone is not None:
+                self._retire(undone)
+            self.expired[name] = {
+                "owner": lease.owner,
+                "expired_at": lease.expires_at,
+                "rolled_back": undone.version if undone else None,
+                "record": lease.record,
+            }
+            log.warning(
+                "model %s: the lease of '%s' ran out%s",
+                name,
+                lease.owner,
+                f"; canary version {undone.version} rolled back, stable serves all traffic" if undone else "",
+            )
+
     # --- status and persistence -------------------------------------------------------------
 
     def status(self, name: str | None = None) -> dict[str, Any]:
@@ -184,6 +289,7 @@ class Deployments:
                 "canary": routing.canary.describe() if routing.canary else None,
                 "canary_percent": routing.canary_percent,
                 "mode": routing.mode,
+                "lease": self.lease(name) if self._live_lease(name) else None,
             }
         return {"models": [self.status(n) for n in sorted(self._routing)]}
 
@@ -202,6 +308,8 @@ class Deployments:
         except ValueError:
             log.error("ignoring unreadable %s", self.state_file)
             return
+        for name, entry in saved.get("leases", {}).items():
+            self._leases[name] = Lease(entry["owner"], float(entry["expires_at"]), entry.get("record") or {})
         for name, entry in saved.get("models", {}).items():
             try:
                 for role in ("stable", "canary"):
@@ -236,7 +344,11 @@ class Deployments:
             } | {"canary_percent": routing.canary_percent, "mode": routing.mode}
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"models": models}, indent=2))
+        leases = {
+            name: {"owner": lease.owner, "expires_at": lease.expires_at, "record": lease.record}
+            for name, lease in self._leases.items()
+        }
+        tmp.write_text(json.dumps({"models": models, "leases": leases}, indent=2))
         os.replace(tmp, self.state_file)
 
     # --- loading and retiring ---------------------------------------------------------------
@@ -279,3 +391,7 @@ class Deployments:
                 loaded.batcher.close()
 
         loop.call_later(_RETIRE_CHECK_S, check)
+
+
+def _iso(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))

@@ -6,7 +6,8 @@ A raw ASGI app in front of kserve's FastAPI application. It answers, itself and 
   body size checked before it is read, parsed with orjson, validated against the chosen version's
   signature, split between stable and canary, batched, answered with the version in the body and
   in ``x-model-version`` / ``x-model-role`` headers;
-- ``/admin/v1/...``: load, traffic, promote, rollback, unload, status, behind a bearer token.
+- ``/admin/v1/...``: load, traffic, promote, rollback, unload, status, a rollout's lease, behind a
+  bearer token; while a lease is held, changes need its owner (``x-mlops-lease-owner``).
 
 Everything else (health, readiness, model metadata, ``/metrics``, binary-tensor V2 requests) goes
 to kserve's own application, which sees each model through ``deployments.RoutedModel``.
@@ -29,6 +30,7 @@ from common.errors import (
     BackendRefused,
     BackendUnavailable,
     InvalidInput,
+    LeaseHeld,
     MLOpsError,
     ModelNotFound,
     ModelNotReady,
@@ -72,6 +74,7 @@ HTTP_STATUS: list[tuple[type[Exception], int]] = [
     (Unauthorized, 401),
     (ModelNotFound, 404),
     (Conflict, 409),
+    (LeaseHeld, 409),
     (ModelNotReady, 503),
     (BackendUnavailable, 503),
     (AdminDisabled, 503),
@@ -91,7 +94,7 @@ PLATFORMS = {
     "torch_export": "pytorch_exported_program",
 }
 _V2_METADATA = re.compile(r"^/v2/models/([^/]+)$")
-_ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback))?$")
+_ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback|lease))?$")
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -106,6 +109,7 @@ class Front:
         feedback_token: str | None = None,
         labels: LogStore | None = None,
         shadow_max_pending: int = 256,
+        canary_fallback: bool = True,
     ) -> None:
         self.fallback = fallback
         self.logger = logger
@@ -115,6 +119,7 @@ class Front:
         self.feedback_token = feedback_token  # None: anyone on the (loopback) network may send labels
         self.labels = labels  # the log store, read to refuse a second label for a row
         self.shadow_max_pending = shadow_max_pending
+        self.canary_fallback = canary_fallback  # a failed canary answer is retried on stable
         self._random = random.Random()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
@@ -148,69 +153,91 @@ class Front:
         headers = dict(scope["headers"])
         request_id = _text(headers.get(b"x-request-id")) or uuid.uuid4().hex
         answered: Loaded | None = None
+        routing = None
         role = "stable"
-        try:
-            routing = self.deployments.routing(name)
-            shadow = None
-            if pinned is not None:
-                answered = next(
-                    (v for v in (routing.stable, routing.canary) if v and v.version == pinned), None
-                )
+        raw = b""
+        computing = False  # past the request's own checks: a failure now is the version's
+        while True:
+            try:
                 if answered is None:
-                    raise ModelNotFound(f"model '{name}' has no loaded version {pinned}")
-                role = "stable" if answered is routing.stable else "canary"
-            else:
-                sticky = _text(headers.get(b"x-user-key")) or _text(headers.get(b"x-request-id"))
-                answered, role, shadow = routing.pick(sticky, self._random.random())
-            raw = await self._read_body(scope, receive, headers)
-            body = _parse(raw)
-            model = answered.model
-            decoder = model.decoder
-            if decoder is None:
-                raise ModelNotReady(f"model '{name}' version {model.version} is not loaded")
-            inputs = decoder.v2(body) if protocol == "v2" else decoder.v1(body)
-            if protocol == "explain":
-                payload = await self._explain(model, inputs, body)
-                shadow = None
-            elif protocol == "v2":
-                outputs = await answered.batcher.submit(inputs)
-                payload = model.v2_body(outputs, body.get("id") or request_id)
-            else:
-                outputs = await answered.batcher.submit(inputs)
-                payload = {
-                    "predictions": model.v1_predictions(outputs),
-                    "model_version": model.version,
-                    "request_id": request_id,
-                }
-            if shadow is not None:
-                self._mirror(shadow, inputs, request_id, protocol, raw, decoder.row_input)
-            response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-            ended = time.perf_counter()  # one clock read for the log and the latency metric
-            if self.logger is not None and protocol != "explain":
-                # The body as it came (no second encoding of the inputs), the outputs, what answered.
-                self.logger.answered(
-                    started, ended, model.name, answered.version, role, request_id, protocol, raw,
-                    decoder.row_input, outputs,
-                )  # fmt: skip
-        except Exception as exc:
-            code = status_for(exc)
-            if code == 500:
-                log.exception("model %s: %s request failed", name, protocol)
-            metrics.ERRORS.labels(name, str(code)).inc()
-            version = answered.version if answered else ""
-            if answered is not None:
-                metrics.requests(name, version, role, protocol, str(code)).inc()
+                    routing = self.deployments.routing(name)
+                    answered, role, shadow = self._pick(routing, pinned, headers, name)
+                    raw = await self._read_body(scope, receive, headers)
+                body = _parse(raw)
+                model = answered.model
+                decoder = model.decoder
+                if decoder is None:
+                    raise ModelNotReady(f"model '{name}' version {model.version} is not loaded")
+                inputs = decoder.v2(body) if protocol == "v2" else decoder.v1(body)
+                computing = True
+                if protocol == "explain":
+                    payload = await self._explain(model, inputs, body)
+                    shadow = None
+                elif protocol == "v2":
+                    outputs = await answered.batcher.submit(inputs)
+                    payload = model.v2_body(outputs, body.get("id") or request_id)
+                else:
+                    outputs = await answered.batcher.submit(inputs)
+                    payload = {
+                        "predictions": model.v1_predictions(outputs),
+                        "model_version": model.version,
+                        "request_id": request_id,
+                    }
+                if shadow is not None:
+                    self._mirror(shadow, inputs, request_id, protocol, raw, decoder.row_input)
+                response = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+                ended = time.perf_counter()  # one clock read for the log and the latency metric
                 if self.logger is not None and protocol != "explain":
-                    self.logger.failed(
-                        started, answered.model.name, version, role, request_id, protocol, _message(exc, code)
-                    )
-            await _respond(
-                send, code, {"error": _message(exc, code)}, request_id, version, role if answered else ""
-            )
-            return
+                    # The body as it came (no second encoding of the inputs), the outputs, what answered.
+                    self.logger.answered(
+                        started, ended, model.name, answered.version, role, request_id, protocol, raw,
+                        decoder.row_input, outputs,
+                    )  # fmt: skip
+                break
+            except Exception as exc:
+                code = status_for(exc)
+                if code == 500:
+                    log.exception("model %s: %s request failed", name, protocol)
+                metrics.ERRORS.labels(name, str(code)).inc()
+                version = answered.version if answered else ""
+                if answered is not None:
+                    metrics.requests(name, version, role, protocol, str(code)).inc()
+                    if self.logger is not None and protocol != "explain":
+                        self.logger.failed(
+                            started,
+                            answered.model.name,
+                            version,
+                            role,
+                            request_id,
+                            protocol,
+                            _message(exc, code),
+                        )
+                fallback = routing.stable if routing is not None else None
+                if computing and role == "canary" and pinned is None and self.canary_fallback and fallback:
+                    # The canary failed where the request itself was fine: stable answers it, and the
+                    # canary's failure stays in the log and the metrics for the canary analysis.
+                    metrics.CANARY_FALLBACKS.labels(name, version).inc()
+                    answered, role, shadow, computing = fallback, "stable", None, False
+                    continue
+                await _respond(
+                    send, code, {"error": _message(exc, code)}, request_id, version, role if answered else ""
+                )
+                return
         metrics.requests(name, answered.version, role, protocol, "200").inc()
         metrics.latency(name, answered.version, role).observe(ended - started)
         await _send(send, 200, response, request_id, answered.version, role)
+
+    def _pick(
+        self, routing: Any, pinned: str | None, headers: dict[bytes, bytes], name: str
+    ) -> tuple[Loaded, str, Loaded | None]:
+        """(the version that answers, its role, the version to mirror to)."""
+        if pinned is None:
+            sticky = _text(headers.get(b"x-user-key")) or _text(headers.get(b"x-request-id"))
+            return routing.pick(sticky, self._random.random())
+        answered = next((v for v in (routing.stable, routing.canary) if v and v.version == pinned), None)
+        if answered is None:
+            raise ModelNotFound(f"model '{name}' has no loaded version {pinned}")
+        return answered, "stable" if answered is routing.stable else "canary", None
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Ground-truth labels, later: ``{"request_id": ..., "labels": [one per row]}`` (or
@@ -366,6 +393,8 @@ class Front:
                 raise ModelNotFound(f"no admin route {scope['method']} {scope['path']}")
             name, action = match.group(1), match.group(2)
             body = await self._read_body(scope, receive, headers)
+            if name is not None and action != "lease" and scope["method"] != "GET":
+                self.deployments.check_owner(name, _text(headers.get(b"x-mlops-lease-owner")))
             result = await self._admin_action(scope["method"], name, action, _parse(body) if body else {})
         except Exception as exc:
             code = status_for(exc)
@@ -400,6 +429,16 @@ class Front:
             return await deployments.promote(name)
         elif action == "rollback" and method == "POST":
             return await deployments.rollback(name)
+        elif action == "lease" and method == "GET":
+            return deployments.lease(name)
+        elif action == "lease" and method == "PUT":
+            ttl_s = _field(body, "ttl_s", (int, float))
+            record = body.get("record")
+            if record is not None and not isinstance(record, dict):
+                raise InvalidInput(f"field 'record' must be a JSON object, got {record!r}")
+            return await deployments.take_lease(name, _field(body, "owner", str), float(ttl_s), record)
+        elif action == "lease" and method == "DELETE":
+            return await deployments.release_lease(name, _field(body, "owner", str))
         raise ModelNotFound(f"no admin route {method} for {'/'.join(p for p in (name, action) if p)}")
 
 

@@ -20,6 +20,11 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 ERRORS = Counter("mlops_request_errors_total", "Requests refused or failed", ["model", "code"])
+CANARY_FALLBACKS = Counter(
+    "mlops_canary_fallbacks_total",
+    "Requests the canary failed on and stable answered instead",
+    ["model", "version"],
+)
 BATCH_ROWS = Histogram(
     "mlops_batch_rows",
     "Rows per compute batch",

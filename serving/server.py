@@ -97,7 +97,7 @@ def serve(settings: Settings) -> None:
     from serving.http import Front
 
     token = admin_token(settings)
-    holder: dict[str, Deployments] = {}
+    holder: dict[str, Any] = {}
     logger, labels = inference_log(settings) if settings.logs.enabled else (None, None)
 
     def wrap(app: ASGIApp) -> ASGIApp:
@@ -110,12 +110,14 @@ def serve(settings: Settings) -> None:
             feedback_token=feedback_token(settings),
             labels=labels,
             shadow_max_pending=settings.serving.shadow_max_pending,
+            canary_fallback=settings.serving.canary_fallback,
         )
 
     async def on_start(repository: Any) -> None:
         deployments = holder["deployments"]
         deployments.attach(repository)
         await deployments.restore()
+        holder["lease_watch"] = asyncio.get_running_loop().create_task(deployments.watch_leases())
 
     holder["deployments"] = Deployments(settings)
     logging.getLogger("serving").info(

@@ -39,6 +39,17 @@ class Deployment:
     detail: dict | None = None  # what the target adds (providers, the InferenceService's status, ...)
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a model's rollout, until when, and the progress record kept with it."""
+
+    model: str
+    owner: str | None
+    expires_at: float | None = None  # epoch seconds
+    record: dict | None = None
+    expired: dict | None = None  # the last lease that ran out unrenewed, and what the target undid
+
+
 class DeploymentTarget(Protocol):
     """A place that serves models with a stable and a canary version.
 
@@ -65,8 +76,17 @@ class DeploymentTarget(Protocol):
 
     def status(self, model: str) -> Deployment: ...
 
+    def take_lease(self, model: str, owner: str, ttl_s: float, record: dict | None = None) -> Lease:
+        """Hold the model for ``owner`` for ``ttl_s`` s (take or renew), keeping ``record`` with it;
+        ``LeaseHeld`` when another owner holds it. While held, only the owner changes the model."""
+        ...
 
-def _server(url: str, settings: Settings, token: str | None) -> DeploymentTarget:
+    def release_lease(self, model: str, owner: str) -> Lease: ...
+
+    def lease(self, model: str) -> Lease: ...
+
+
+def _server(url: str, settings: Settings, token: str | None, owner: str | None) -> DeploymentTarget:
     from serving.auth import admin_token
     from serving.targets.server import ServerTarget
 
@@ -74,7 +94,7 @@ def _server(url: str, settings: Settings, token: str | None) -> DeploymentTarget
         token = settings.serving.target_token.get_secret_value()
     if token is None and same_server(url, settings.serving_url):
         token = admin_token(settings)  # the stack's own token goes to the stack's own server only
-    return ServerTarget(url, token)
+    return ServerTarget(url, token, owner=owner)
 
 
 def same_server(url: str, other: str) -> bool:
@@ -91,21 +111,24 @@ def same_server(url: str, other: str) -> bool:
 _PORTS = {"http": 80, "https": 443}
 
 
-def _kserve(url: str, settings: Settings, token: str | None) -> DeploymentTarget:
+def _kserve(url: str, settings: Settings, token: str | None, owner: str | None) -> DeploymentTarget:
     from serving.targets.kserve import KServeTarget
 
-    return KServeTarget(urlparse(url).netloc or "default", settings.kserve)
+    return KServeTarget(urlparse(url).netloc or "default", settings.kserve, owner=owner)
 
 
-_BUILDERS: dict[str, Callable[[str, Settings, str | None], DeploymentTarget]] = {
+_BUILDERS: dict[str, Callable[[str, Settings, str | None, str | None], DeploymentTarget]] = {
     "http": _server,
     "https": _server,
     "kserve": _kserve,
 }
 
 
-def get_deployment_target(url: str, settings: Settings, token: str | None = None) -> DeploymentTarget:
-    """The target at ``url``; an unknown scheme is refused with the list of known ones.
+def get_deployment_target(
+    url: str, settings: Settings, token: str | None = None, owner: str | None = None
+) -> DeploymentTarget:
+    """The target at ``url``; an unknown scheme is refused with the list of known ones. Changes are
+    made as ``owner`` (a rollout holding the model's lease), or as nobody in particular.
 
     A model server target is sent ``token``, else ``MLOPS_SERVING__TARGET_TOKEN``, else, when it is
     the stack's own model server (``MLOPS_SERVING__URL``), the stack's admin token; else none.
@@ -116,4 +139,4 @@ def get_deployment_target(url: str, settings: Settings, token: str | None = None
         raise ConfigError(
             f"deployment target '{url}': scheme '{scheme}' is not one of {', '.join(sorted(_BUILDERS))}"
         )
-    return builder(url, settings, token)
+    return builder(url, settings, token, owner)

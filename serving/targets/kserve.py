@@ -3,7 +3,11 @@
 A rollout is a desired state (stable version, canary version, canary percent) written into the
 InferenceService: the predictor runs the newest version (``storageUri``) and, while there is a
 canary, ``canaryTrafficPercent`` sends that share to it and the rest to the previous revision.
-The versions are recorded in annotations, so the state is read back from the cluster itself.
+The versions are recorded in annotations, so the state is read back from the cluster itself, and so
+is a rollout's lease (``mlops.io/lease``): every change is a replace carrying the object's
+``resourceVersion``, so of two writers racing the cluster takes one and refuses the other. A lease
+that ran out is not undone by the cluster (there is no controller of ours there): the next rollout
+of the model reconciles it.
 
 Pods run this project's runtime image through a ClusterServingRuntime (``serving_runtimes``):
 ``python -m serving.predictor``, the same model class as the local model server. A version with a
@@ -16,15 +20,17 @@ a fake client.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from common.errors import BackendUnavailable, InvalidInput, LeaseHeld, ModelNotFound
 from common.settings import KServeSettings
 from serving.router import Mode, Role
-from serving.targets import Deployment, VersionRef
+from serving.targets import Deployment, Lease, VersionRef
 
 API_VERSION = "serving.kserve.io/v1beta1"
 MODEL_FORMAT = "mlops"
@@ -32,6 +38,7 @@ RUNTIME = "mlops-runtime"  # the version's transformer runs inside the predictor
 TENSOR_RUNTIME = "mlops-runtime-tensor"  # predictor of bare tensors, behind a transformer component
 VERSION_ENV = "MLOPS_MODEL_VERSION"
 _ANNOTATION = "mlops.io/"
+LEASE_ANNOTATION = f"{_ANNOTATION}lease"  # JSON: owner, expires_at, record
 # What KServe's storage initializer can download.
 STORAGE_SCHEMES = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs", "oci", "hf")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -203,8 +210,10 @@ class KServeTarget:
         settings: KServeSettings,
         client: Any | None = None,
         has_transformer: Any | None = None,
+        owner: str | None = None,
     ) -> None:
         self.namespace = namespace
+        self.owner = owner
         self.settings = settings
         self._client = client
         self._has_transformer = has_transformer or _version_has_transformer
@@ -308,14 +317,75 @@ class KServeTarget:
         )
         return rollout, isvc
 
-    def _apply(self, model: str, rollout: Rollout, exists: bool = True) -> Deployment:
-        isvc = inference_service(model, self.namespace, rollout, self.settings)
+    def take_lease(self, model: str, owner: str, ttl_s: float, record: dict | None = None) -> Lease:
+        current, isvc = self._read(model)
+        if current is None:
+            raise InvalidInput(
+                f"model '{model}' has no InferenceService in namespace '{self.namespace}' to hold a rollout on:"
+                f" deploy its first version with `mlops serve load {model} --role stable --target"
+                f" kserve://{self.namespace}`"
+            )
+        held = _held(isvc)
+        if held is not None and held.owner != owner:
+            raise _lease_held(model, held)
+        lease = Lease(
+            model, owner, time.time() + ttl_s, record if record is not None else (held.record if held else {})
+        )
+        self._apply(model, current, lease=lease, isvc=isvc)
+        return lease
+
+    def release_lease(self, model: str, owner: str) -> Lease:
+        current, isvc = self._read(model)
+        if current is None:
+            return Lease(model, None)
+        held = _held(isvc)
+        if held is not None and held.owner != owner:
+            raise _lease_held(model, held)
+        self._apply(model, current, lease=None, isvc=isvc)
+        return Lease(model, None)
+
+    def lease(self, model: str) -> Lease:
+        _, isvc = self._read(model)
+        held = _held(isvc) if isvc is not None else None
+        return held or Lease(model, None)
+
+    def _apply(
+        self,
+        model: str,
+        rollout: Rollout,
+        exists: bool = True,
+        lease: Lease | None | bool = True,
+        isvc: Any | None = None,
+    ) -> Deployment:
+        """Write ``rollout`` (keeping the lease unless ``lease`` says which, or None for none)."""
+        if exists and isvc is None:
+            _, isvc = self._read(model)
+        held = _held(isvc) if isvc is not None else None
+        if lease is True and held is not None and held.owner != self.owner:
+            raise _lease_held(model, held)
+        kept = held if lease is True else lease
+        desired = inference_service(model, self.namespace, rollout, self.settings)
+        if isinstance(kept, Lease) and kept.owner:
+            desired.metadata.annotations[LEASE_ANNOTATION] = json.dumps(
+                {"owner": kept.owner, "expires_at": kept.expires_at, "record": kept.record or {}}
+            )
+        if isvc is not None:  # optimistic concurrency: the cluster refuses a replace of a changed object
+            desired.metadata.resource_version = (isvc.get("metadata") or {}).get("resourceVersion")
+        isvc = desired
         try:
             if exists:
                 applied = self.client.replace(model, isvc, namespace=self.namespace)
             else:
                 applied = self.client.create(isvc, namespace=self.namespace)
         except RuntimeError as exc:
+            from kubernetes.client.rest import ApiException
+
+            cause = exc.__context__
+            if isinstance(cause, ApiException) and cause.status == 409:
+                raise LeaseHeld(
+                    f"InferenceService '{model}' changed while this change was made (another writer); read it"
+                    " again and retry"
+                ) from exc
             raise BackendUnavailable(f"Kubernetes refused InferenceService '{model}': {exc}") from exc
         return self._deployment(model, rollout, applied)
 
@@ -334,6 +404,28 @@ class KServeTarget:
                 "url": (status or {}).get("url"),
             },
         )
+
+
+def _held(isvc: dict[str, Any] | None) -> Lease | None:
+    """The live lease recorded on an InferenceService, if any."""
+    notes = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    if LEASE_ANNOTATION not in notes:
+        return None
+    try:
+        data = json.loads(notes[LEASE_ANNOTATION])
+    except ValueError:
+        return None
+    name = ((isvc or {}).get("metadata") or {}).get("name", "")
+    lease = Lease(name, data.get("owner"), data.get("expires_at"), data.get("record") or {})
+    return lease if lease.owner and (lease.expires_at or 0) > time.time() else None
+
+
+def _lease_held(model: str, lease: Lease) -> LeaseHeld:
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lease.expires_at or 0))
+    return LeaseHeld(
+        f"model '{model}' is being rolled out by '{lease.owner}' (lease until {until}); only that owner"
+        " may change it until it ends or the lease runs out"
+    )
 
 
 def _version_has_transformer(uri: str) -> bool:

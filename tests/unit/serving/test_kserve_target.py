@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from unittest.mock import MagicMock
 
 import pytest
 from kserve import KServeClient
 from kubernetes.client.rest import ApiException
 
-from common.errors import InvalidInput, ModelNotFound
+from common.errors import InvalidInput, LeaseHeld, ModelNotFound
 from common.settings import KServeSettings
 from serving.targets import VersionRef
 from serving.targets.kserve import (
@@ -36,7 +38,8 @@ class FakeCluster:
         self.client = MagicMock(spec=KServeClient)
         self.client.get.side_effect = self.get
         self.client.create.side_effect = lambda isvc, namespace: self.store(isvc)
-        self.client.replace.side_effect = lambda name, isvc, namespace: self.store(isvc)
+        self.client.replace.side_effect = lambda name, isvc, namespace: self.replace(name, isvc)
+        self.writes = 0
 
     def get(self, name, namespace):
         if name not in self.objects:
@@ -48,12 +51,26 @@ class FakeCluster:
 
     def store(self, isvc):
         manifest = to_manifest(isvc)
+        self.writes += 1
+        manifest["metadata"]["resourceVersion"] = str(self.writes)  # as the API server sets it
         self.objects[manifest["metadata"]["name"]] = manifest
         return manifest
 
+    def replace(self, name, isvc):
+        # The API server refuses a replace whose resourceVersion is not the stored one (409).
+        sent = to_manifest(isvc)["metadata"].get("resourceVersion")
+        if sent is not None and sent != self.objects[name]["metadata"]["resourceVersion"]:
+            try:
+                raise ApiException(status=409, reason="Conflict")
+            except ApiException as exc:
+                raise RuntimeError(f"Exception when calling CustomObjectsApi: {exc}")  # noqa: B904
+        return self.store(isvc)
 
-def target(cluster: FakeCluster, transformer: bool = False) -> KServeTarget:
-    return KServeTarget("ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: transformer)
+
+def target(cluster: FakeCluster, transformer: bool = False, owner: str | None = None) -> KServeTarget:
+    return KServeTarget(
+        "ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: transformer, owner=owner
+    )
 
 
 def predictor(manifest: dict) -> dict:
@@ -177,3 +194,50 @@ def test_committed_k8s_manifests_are_the_rendering_of_the_target_code():
     for name, text in render_manifests(KServeSettings()).items():
         committed = (PROJECT_ROOT / "docker" / "k8s" / name).read_text()
         assert committed == text, f"run: .venv/bin/mlops serve manifests --output-dir docker/k8s ({name})"
+
+
+def test_a_lease_on_the_inference_service_lets_only_its_owner_change_the_model():
+    cluster = FakeCluster()
+    first, second = target(cluster, owner="run-a"), target(cluster, owner="run-b")
+    first.deploy("fraud", "1", V1.uri, role="stable")
+    first.deploy("fraud", "2", V2.uri)
+    lease = first.take_lease("fraud", "run-a", 60, {"step": 0})
+    assert (
+        json.loads(cluster.objects["fraud"]["metadata"]["annotations"]["mlops.io/lease"])["owner"] == "run-a"
+    )
+    with pytest.raises(LeaseHeld, match="being rolled out by 'run-a'"):
+        second.set_traffic("fraud", 50)
+    with pytest.raises(LeaseHeld, match="run-a"):
+        second.take_lease("fraud", "run-b", 60)
+    assert first.set_traffic("fraud", 10).canary_percent == 10  # the owner changes it; the lease stays
+    assert first.lease("fraud").record == {"step": 0} and first.lease("fraud").expires_at == lease.expires_at
+    first.release_lease("fraud", "run-a")
+    assert second.take_lease("fraud", "run-b", 60).owner == "run-b"
+
+
+def test_a_lease_that_ran_out_is_taken_by_the_next_rollout():
+    cluster = FakeCluster()
+    first = target(cluster, owner="run-a")
+    first.deploy("fraud", "1", V1.uri, role="stable")
+    first.take_lease("fraud", "run-a", 0.05)
+    time.sleep(0.1)
+    assert target(cluster).lease("fraud").owner is None
+    assert target(cluster, owner="run-b").take_lease("fraud", "run-b", 60).owner == "run-b"
+
+
+def test_of_two_writers_racing_the_cluster_refuses_the_stale_one():
+    cluster = FakeCluster()
+    kserve = target(cluster)
+    kserve.deploy("fraud", "1", V1.uri, role="stable")
+    kserve.deploy("fraud", "2", V2.uri)
+    stale = cluster.objects["fraud"]
+    fresh = dict(stale, metadata=dict(stale["metadata"], resourceVersion="999"))
+    cluster.client.get.side_effect = [stale, fresh]  # read, then someone else writes before the replace
+    cluster.objects["fraud"] = fresh
+    with pytest.raises(LeaseHeld, match="another writer"):
+        kserve._apply("fraud", kserve_rollout(stale), isvc=stale)
+
+
+def kserve_rollout(manifest: dict) -> Rollout:
+    notes = manifest["metadata"]["annotations"]
+    return Rollout(VersionRef(notes["mlops.io/stable-version"], notes["mlops.io/stable-uri"]))
