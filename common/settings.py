@@ -91,6 +91,11 @@ class ServingSettings(_Section):
     shadow_max_pending: int = Field(
         256, ge=1, description="mirrored requests a shadow version may have waiting; past it they are dropped"
     )
+    canary_fallback: bool = Field(
+        True,
+        description="a request the canary fails on (past the request's own checks) is answered by stable;"
+        " the canary's failure is still logged for the analysis",
+    )
 
     @field_validator("admin_token", "feedback_token", "target_token")
     @classmethod
@@ -142,6 +147,21 @@ class LogsSettings(_Section):
     )
 
 
+class DeploySettings(_Section):
+    """Rollouts: the per-model policy file and how long a rollout holds its model."""
+
+    models_file: Path = Field(
+        PROJECT_ROOT / "config" / "models.yaml", description="per-model approval, ramp and thresholds (YAML)"
+    )
+    lease_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="a rollout's hold on its model, renewed at each step; when it runs out the canary is rolled back",
+    )
+    reports_experiment: str = Field("mlops-rollouts", description="MLflow experiment of the canary reports")
+
+
 class KServeSettings(_Section):
     """The Kubernetes target (kserve://<namespace>): how InferenceServices are built."""
 
@@ -175,6 +195,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     kserve: KServeSettings = KServeSettings()
     logs: LogsSettings = LogsSettings()
+    deploy: DeploySettings = DeploySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--alpha", float, "significance of the error-rate test"),
         ("--error-margin", float, "error-rate increase that fails"),
         ("--p95-ratio-max", float, "canary/stable p95 latency at most"),
+        ("--p95-margin-ms", float, "and the canary at most this much slower"),
         ("--js-max", float, "prediction distributions' distance at most"),
     ):
         default = getattr(defaults, flag[2:].replace("-", "_"))
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     manifests.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     manifests.set_defaults(handler=_serve_manifests)
 
-    deploy = commands.add_parser("deploy", help="the deploy DAG's steps: verify a registered version")
+    deploy = commands.add_parser(
+        "deploy", help="the deploy DAG's steps: verify, begin, advance the canary ramp, finish, abort"
+    )
     deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True, parser_class=_Parser)
     verify = deploy_commands.add_parser(
         "verify", help="refuse a version unless its bytes, signature, runtime and input example check out"
@@ -158,6 +161,51 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("model")
     verify.add_argument("--version", required=True, help="the registry version")
     verify.set_defaults(handler=_deploy_verify)
+    begin = deploy_commands.add_parser(
+        "begin", help="claim an approved version's rollout for a run (or say why there is nothing to do)"
+    )
+    begin.add_argument("model")
+    begin.add_argument("--version", help="the registry version (default: the approved one)")
+    ramp = begin.add_argument_group("the run's changes to the model's policy (MLOPS_DEPLOY__MODELS_FILE)")
+    ramp.add_argument("--initial-percent", type=_share, metavar="P", help="the canary's first share")
+    ramp.add_argument("--steps", type=_shares, metavar="P,P", help="the shares after it, rising, below 100")
+    ramp.add_argument("--min-requests", type=int, help="canary requests a step needs before it is decided")
+    ramp.add_argument("--min-step-s", type=float, metavar="S", help="seconds a step lasts at least")
+    ramp.add_argument("--max-step-s", type=float, metavar="S", help="seconds a step may wait for requests")
+    ramp.add_argument("--insufficient", choices=("rollback", "fail"), help="too few requests: what then")
+    ramp.add_argument("--poke-s", type=float, metavar="S", help="how often the ramp is looked at")
+    ramp.add_argument("--alpha", type=float, help="significance of the error-rate test")
+    ramp.add_argument("--error-margin", type=float, help="error-rate increase that fails")
+    ramp.add_argument("--p95-ratio-max", type=float, help="canary/stable p95 latency at most")
+    ramp.add_argument("--p95-margin-ms", type=float, help="and the canary at most this much slower (ms)")
+    ramp.add_argument("--js-max", type=float, help="prediction distributions' distance at most")
+    begin.set_defaults(handler=_deploy_begin)
+    advance = deploy_commands.add_parser(
+        "advance", help="one look at the canary ramp: wait, move to the next share, or decide"
+    )
+    advance.set_defaults(handler=_deploy_advance)
+    finish = deploy_commands.add_parser(
+        "finish", help="promote (or record the rollback), write the canary report, release the model"
+    )
+    finish.set_defaults(handler=_deploy_finish)
+    abort = deploy_commands.add_parser(
+        "abort", help="undo what a failed run left, and say so in the registry"
+    )
+    abort.add_argument("--reason", default="a task failed", help="in words, for the registry")
+    abort.set_defaults(handler=_deploy_abort)
+    policy = deploy_commands.add_parser("policy", help="a model's rollout policy, as the files make it")
+    policy.add_argument("model")
+    policy.set_defaults(handler=_deploy_policy)
+    for name in ("begin", "advance", "finish", "abort"):
+        sub = deploy_commands.choices[name]
+        if name != "begin":
+            sub.add_argument("model")
+        sub.add_argument("--run-id", required=True, help="the deploy run (the rollout's owner)")
+        sub.add_argument(
+            "--target",
+            metavar="URL",
+            help="deployment target (default: the policy's, else MLOPS_SERVING__TARGET)",
+        )
 
     logs = commands.add_parser("logs", help="the inference log: query a window, tail, prune")
     logs_commands = logs.add_subparsers(dest="logs_command", required=True, parser_class=_Parser)
@@ -218,6 +266,14 @@ def _number(what: str, accept: Callable[[float], bool]) -> Callable[[str], float
 
 
 _percent = _number("a percentage between 0 and 100", lambda v: 0 <= v <= 100)
+_share = _number("a percentage above 0 and below 100", lambda v: 0 < v < 100)
+
+
+def _shares(text: str) -> list[float]:
+    """``25,50``: canary shares, each above 0 and below 100."""
+    return [_share(part) for part in text.split(",") if part.strip()]
+
+
 _positive_float = _number("a positive number of seconds", lambda v: v > 0)
 
 
@@ -355,7 +411,13 @@ def _serve_analyze(settings: Settings, args: argparse.Namespace) -> tuple[Any, i
     from serving.canary import Thresholds
 
     thresholds = Thresholds(
-        args.min_requests, args.alpha, args.error_margin, args.p95_ratio_max, args.js_max, args.output
+        min_requests=args.min_requests,
+        alpha=args.alpha,
+        error_margin=args.error_margin,
+        p95_ratio_max=args.p95_ratio_max,
+        p95_margin_ms=args.p95_margin_ms,
+        js_max=args.js_max,
+        output=args.output,
     )
     store = _log_store(settings, args)
     return analyze(
@@ -369,6 +431,52 @@ def _deploy_verify(settings: Settings, args: argparse.Namespace) -> tuple[Any, i
     from serving.verify import verify_version
 
     return verify_version(args.model, args.version, settings), 0
+
+
+def _deploy_begin(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.rollout import begin
+
+    sections = {
+        "ramp": (
+            "initial_percent",
+            "steps",
+            "min_requests",
+            "min_step_s",
+            "max_step_s",
+            "insufficient",
+            "poke_s",
+        ),
+        "thresholds": ("alpha", "error_margin", "p95_ratio_max", "p95_margin_ms", "js_max"),
+    }
+    overrides = {
+        section: {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+        for section, keys in sections.items()
+    }
+    return begin(settings, args.model, args.version, args.run_id, overrides, args.target), 0
+
+
+def _deploy_advance(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.rollout import advance
+
+    return advance(settings, args.model, args.run_id, args.target), 0
+
+
+def _deploy_finish(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.rollout import finish
+
+    return finish(settings, args.model, args.run_id, args.target), 0
+
+
+def _deploy_abort(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.rollout import abort
+
+    return abort(settings, args.model, args.run_id, args.reason, args.target), 0
+
+
+def _deploy_policy(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.policy import load_policy
+
+    return load_policy(settings.deploy.models_file, args.model).to_dict(), 0
 
 
 def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

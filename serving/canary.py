@@ -6,7 +6,9 @@ The deploy DAG's decision at each step of a ramp, as a pure function of the two 
 - **errors**: the canary's error rate against stable's, one-sided Fisher's exact test on the
   requests that failed; a failure needs both significance (``p < alpha``) and a difference that
   matters (more than ``error_margin``), since on large windows every test flags trivia;
-- **latency**: the ratio of the canary's p95 request latency to stable's, at most ``p95_ratio_max``;
+- **latency**: the ratio of the canary's p95 request latency to stable's, at most ``p95_ratio_max``,
+  failing only when the canary is also more than ``p95_margin_ms`` slower (on small windows a p95 of
+  a few milliseconds moves by half its value between identical versions);
 - **predictions**: the Jensen-Shannon distance (base 2: 0 the same, 1 disjoint) between the two
   roles' prediction distributions, at most ``js_max``: a label (or, for a vector of scores, its
   largest position) as categories; a number in ten bins cut at stable's deciles.
@@ -36,6 +38,9 @@ class Thresholds:
     alpha: float = 0.01  # significance of the error-rate test
     error_margin: float = 0.01  # and by how much the canary's rate must exceed stable's (absolute)
     p95_ratio_max: float = 1.5
+    p95_margin_ms: float = (
+        5.0  # and by how much the canary's p95 must exceed stable's (a few ms of noise is not a failure)
+    )
     js_max: float = 0.2
     output: str | None = None  # which output's distribution to compare (default: label, else the first)
 
@@ -181,11 +186,14 @@ def _latency(stable: RoleFigures, canary: RoleFigures, t: Thresholds) -> Check:
     if not stable.p95_latency_ms or canary.p95_latency_ms is None:
         return Check("latency", None, t.p95_ratio_max, True, "no latency to compare")
     ratio = canary.p95_latency_ms / stable.p95_latency_ms
+    slower_ms = canary.p95_latency_ms - stable.p95_latency_ms
     detail = (
         f"p95 latency {canary.p95_latency_ms:.2f} ms on the canary against {stable.p95_latency_ms:.2f} ms"
-        f" on stable ({ratio:.2f}x; at most {t.p95_ratio_max}x)"
+        f" on stable ({ratio:.2f}x, {slower_ms:+.2f} ms; fails above {t.p95_ratio_max}x and"
+        f" {t.p95_margin_ms:g} ms slower)"
     )
-    return Check("latency", ratio, t.p95_ratio_max, ratio <= t.p95_ratio_max, detail)
+    passed = ratio <= t.p95_ratio_max or slower_ms <= t.p95_margin_ms
+    return Check("latency", ratio, t.p95_ratio_max, passed, detail)
 
 
 def _predictions(stable: RoleFigures, canary: RoleFigures, t: Thresholds) -> Check:

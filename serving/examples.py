@@ -11,9 +11,19 @@ from typing import Any
 
 import numpy as np
 
+FAULTS = ("nan", "slow")
+SLOW_PRODUCTS = 120  # 1024x1024 products per row of the `slow` fault: some 8 ms on this 2-core box
 
-def mlp_onnx(features: int, hidden: int, classes: int, seed: int = 0, layers: int = 1) -> Any:
-    """An ONNX MLP: ``input`` [batch, features] float32 -> ``probabilities`` [batch, classes]."""
+
+def mlp_onnx(
+    features: int, hidden: int, classes: int, seed: int = 0, layers: int = 1, fault: str | None = None
+) -> Any:
+    """An ONNX MLP: ``input`` [batch, features] float32 -> ``probabilities`` [batch, classes].
+
+    ``fault`` makes a deliberately bad version of the same MLP, for canary tests and the demo:
+    ``nan`` answers NaN for rows whose first input is above 0.8 (about a fifth of standard-normal
+    rows), ``slow`` answers the same values after a few large matrix products it throws away.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -31,10 +41,41 @@ def mlp_onnx(features: int, hidden: int, classes: int, seed: int = 0, layers: in
         width, current = hidden, f"h{layer}"
     w_out = rng.normal(0, 1 / np.sqrt(width), (width, classes)).astype(np.float32)
     initializers.append(numpy_helper.from_array(w_out, "w_out"))
-    nodes += [
-        helper.make_node("MatMul", [current, "w_out"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
+    nodes.append(helper.make_node("MatMul", [current, "w_out"], ["logits"]))
+    if fault == "slow":  # logits + 0 * sum(x @ S0 @ S @ S ...): the same answer, much later
+        size, products = 1024, SLOW_PRODUCTS
+        initializers += [
+            numpy_helper.from_array(rng.normal(0, 1e-3, (features, size)).astype(np.float32), "s0"),
+            numpy_helper.from_array(rng.normal(0, 1e-3, (size, size)).astype(np.float32), "s"),
+            numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        ]
+        nodes.append(helper.make_node("MatMul", ["input", "s0"], ["slow0"]))
+        for i in range(1, products):  # one matrix, used again: a small file, a long compute
+            nodes.append(helper.make_node("MatMul", [f"slow{i - 1}", "s"], [f"slow{i}"]))
+        nodes += [
+            helper.make_node("ReduceSum", [f"slow{products - 1}"], ["slow_sum"], keepdims=1),
+            helper.make_node("Mul", ["slow_sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["logits", "nothing"], ["logits_out"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["logits"], ["logits_out"]))
+    softmax = "probabilities_ok" if fault == "nan" else "probabilities"
+    nodes.append(helper.make_node("Softmax", ["logits_out"], [softmax], axis=1))
+    if fault == "nan":  # where input[:, 0] > 0.8: NaN
+        initializers += [
+            numpy_helper.from_array(np.array([0], np.int64), "first_start"),
+            numpy_helper.from_array(np.array([1], np.int64), "first_end"),
+            numpy_helper.from_array(np.array([1], np.int64), "first_axis"),
+            numpy_helper.from_array(np.array([0.8], np.float32), "cut"),
+            numpy_helper.from_array(np.array([np.nan], np.float32), "nan"),
+        ]
+        nodes += [
+            helper.make_node("Slice", ["input", "first_start", "first_end", "first_axis"], ["first"]),
+            helper.make_node("Greater", ["first", "cut"], ["faulty"]),
+            helper.make_node("Where", ["faulty", "nan", "probabilities_ok"], ["probabilities"]),
+        ]
+    elif fault not in (None, "slow"):
+        raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
     graph = helper.make_graph(
         nodes,
         "mlp",
@@ -90,7 +131,13 @@ def save_mlp(
     return Path(path)
 
 
-def log_mlp(registered_model_name: str, seed: int, transformer: dict[str, Any] | None = None) -> str:
+def log_mlp(
+    registered_model_name: str,
+    seed: int,
+    transformer: dict[str, Any] | None = None,
+    fault: str | None = None,
+    input_example: Any | None = None,
+) -> str:
     """Log an example MLP to the current MLflow run and register it; returns the new version."""
     import mlflow.onnx
 
@@ -98,9 +145,10 @@ def log_mlp(registered_model_name: str, seed: int, transformer: dict[str, Any] |
 
     signature, width = mlp_signature(16, 2, transformer)
     info = mlflow.onnx.log_model(
-        mlp_onnx(width, 32, 2, seed),
+        mlp_onnx(width, 32, 2, seed, fault=fault),
         name="model",
         signature=signature,
+        input_example=input_example,
         registered_model_name=registered_model_name,
         metadata={METADATA_KEY: transformer} if transformer else None,
     )
