@@ -36,6 +36,7 @@ COPY mlops ./mlops
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY retraining ./retraining
+COPY config ./config
 RUN .venv/bin/pip install --no-deps --no-build-isolation -e . \
  && useradd --system --uid 10001 --home-dir /var/lib/mlops --create-home mlops
 

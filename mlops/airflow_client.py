@@ -85,6 +85,13 @@ class AirflowClient:
                 )
             time.sleep(1.0)
 
+    def runs(self, dag_id: str, limit: int = 50) -> list[DagRun]:
+        """The DAG's newest runs, newest first (however they were started: asset event, by hand)."""
+        body = self._call(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns", params={"order_by": "-run_after", "limit": limit}
+        ).json()
+        return [self._run(run) for run in body["dag_runs"]]
+
     def get_run(self, dag_id: str, run_id: str) -> DagRun:
         return self._run(self._call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json())
 

@@ -2,21 +2,28 @@
 
 Today that is:
 1. MLflow, Airflow and the model server up and healthy;
-2. two versions of an example model registered in MLflow (an MLP whose transformer takes named
-   raw features), unless the registry already has them;
-3. version 1 deployed from the registry to the model server as stable, answering predictions;
-4. version 2 deployed as a canary with 20 % of traffic, the split measured, then promoted;
-5. every one of those predictions found in the inference log, and labels sent later joined to
+2. an example model registered in MLflow (an MLP whose transformer takes named raw features): a
+   first version, then each run two new candidates, one good and one deliberately bad (it answers
+   NaN for a fifth of its inputs);
+3. the first version deployed from the registry as stable (the `champion`), answering predictions;
+4. with an application's requests flowing all the time: the good candidate approved in MLflow
+   (the `challenger` alias, set through MLflow's REST API, and the approval tag too: seen twice,
+   deployed once); the `deploy_model` DAG, started by the registry watcher, takes it through the
+   canary ramp to 100 %;
+5. the bad candidate approved the same way: the same DAG rolls it back at its first step, with
+   no request of the application failed;
+6. every one of those predictions found in the inference log, and labels sent later joined to
    their predictions;
-6. one DAG run through Airflow reaching the runtime environment through the mlops operator
+7. one DAG run through Airflow reaching the runtime environment through the mlops operator
    (`check_runtime`: GPU, ONNX Runtime providers, the MLflow registry).
-Each later part of the loop (the deploy, monitor and retrain DAGs) adds its step.
+Each later part of the loop (the monitor and retrain DAGs) adds its step.
 """
 
 from __future__ import annotations
 
 import collections
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,10 +38,10 @@ from mlops.stack import Supervisor, build_components
 from mlops.stack.services import airflow_password
 
 CHECK_DAG = "check_runtime"
+DEPLOY_DAG = "deploy_model"
 DEMO_MODEL = "demo-fraud"
-CANARY_PERCENT = 20.0
-SPLIT_REQUESTS = 500
-STEPS = 6
+STEPS = 7
+ROLLOUT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class DemoResult:
     airflow_login: dict[str, str]
     registry: dict[str, Any]
     serving: dict[str, Any]
+    rollouts: dict[str, Any]
     inference_log: dict[str, Any]
     check_runtime: dict[str, Any]
     stack_started: list[str]
@@ -62,39 +70,62 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     if login is None or password is None:
         raise MLOpsError("Airflow is up but its admin login was not written; see the api-server log")
 
-    progress(f"[2/{STEPS}] registering example versions of '{DEMO_MODEL}' in MLflow at {settings.mlflow_url}")
-    versions = register_examples(settings.mlflow_url, DEMO_MODEL)
-    progress(f"    versions {versions[0]} and {versions[1]}: {settings.mlflow_url}/#/models/{DEMO_MODEL}")
+    progress(f"[2/{STEPS}] registering versions of '{DEMO_MODEL}' in MLflow at {settings.mlflow_url}")
+    first, good, bad = register_examples(settings.mlflow_url, DEMO_MODEL)
+    progress(
+        f"    first {first}, candidates {good} (good) and {bad} (bad): {settings.mlflow_url}/#/models/{DEMO_MODEL}"
+    )
 
     target = get_deployment_target(settings.deployment_target, settings)
-    stable, canary = versions
-    progress(f"[3/{STEPS}] deploying version {stable} from the registry as stable, at {settings.serving_url}")
-    target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
-    if target.status(DEMO_MODEL).canary is not None:  # a canary left by an earlier, interrupted run
-        target.rollback(DEMO_MODEL)
+    stable = _serving_stable(target) or first
+    progress(
+        f"[3/{STEPS}] version {stable} from the registry as stable (champion), at {settings.serving_url}"
+    )
+    if _serving_stable(target) is None:
+        target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
+        _mlflow(
+            settings.mlflow_url,
+            "POST",
+            "registered-models/alias",
+            name=DEMO_MODEL,
+            alias="champion",
+            version=stable,
+        )
     sample_answer = predict(settings.serving_url, DEMO_MODEL, example_rows(3))
     sample = sample_answer["predictions"]
 
-    progress(
-        f"[4/{STEPS}] version {canary} as canary with {CANARY_PERCENT:.0f} % of traffic; {SPLIT_REQUESTS} requests"
-    )
-    target.deploy(DEMO_MODEL, canary, f"models:/{DEMO_MODEL}/{canary}", role="canary")
-    target.set_traffic(DEMO_MODEL, CANARY_PERCENT)
-    split = measure_split(settings.serving_url, DEMO_MODEL, SPLIT_REQUESTS)
-    progress(f"    answered by version: {split} ({100 * split.get(canary, 0) / SPLIT_REQUESTS:.1f} % canary)")
-    promoted = target.promote(DEMO_MODEL)
-    after = measure_split(settings.serving_url, DEMO_MODEL, 50)
-    progress(f"    promoted: version {promoted.stable.version if promoted.stable else '?'} answers {after}")
+    rollouts: dict[str, Any] = {}
+    with (
+        AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow,
+        Traffic(settings.serving_url, DEMO_MODEL) as traffic,
+    ):
+        airflow.wait_for_dag(DEPLOY_DAG)
+        airflow.unpause(DEPLOY_DAG)  # the embedded stack creates DAGs unpaused; a stack of yours may not
+        for number, (name, version) in enumerate((("good", good), ("bad", bad)), start=4):
+            progress(
+                f"[{number}/{STEPS}] approving version {version} ({name}) in MLflow: alias 'challenger' and tag approval=approved"
+            )
+            rollouts[name] = approve_and_follow(settings, airflow, version, progress)
+            outcome = rollouts[name]
+            progress(
+                f"    version {version}: {outcome['outcome']} ({outcome['reason'] or 'every step passed'});"
+                f" run started {outcome['started_after_s']} s after the approval, ended after {outcome['ended_after_s']} s"
+            )
+            progress(f"    canary report: {outcome['report']}")
+        sent, failed = traffic.stop()
+    progress(f"    the application's requests meanwhile: {sent} sent, {failed} failed")
+    if failed:
+        raise MLOpsError(f"{failed} of {sent} application requests failed during the rollouts")
 
     progress(
-        f"[5/{STEPS}] the inference log at {settings.log_store_url}: every prediction, and labels joined later"
+        f"[6/{STEPS}] the inference log at {settings.log_store_url}: every prediction, and labels joined later"
     )
-    logged = inference_log(settings, began_ms, sample_answer["request_id"], len(sample) + SPLIT_REQUESTS + 50)
+    logged = inference_log(settings, began_ms, sample_answer["request_id"], len(sample) + sent)
     progress(
         f"    {logged['events']} events by version {logged['by_version']}; labels joined: {logged['labelled']}"
     )
 
-    progress(f"[6/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
+    progress(f"[7/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
     with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
         airflow.wait_for_dag(CHECK_DAG)
         airflow.unpause(CHECK_DAG)
@@ -110,22 +141,133 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         airflow_url=settings.airflow_url,
         serving_url=settings.serving_url,
         airflow_login=login,
-        registry={"model": DEMO_MODEL, "versions": list(versions)},
+        registry={"model": DEMO_MODEL, "first": first, "good": good, "bad": bad},
         serving={
             "sample_predictions": sample,
-            "canary_percent": CANARY_PERCENT,
-            "split_answers": split,
-            "after_promote": after,
-            "stable": promoted.stable.version if promoted.stable else None,
+            "stable": _serving_stable(target),
+            "application_requests": sent,
+            "application_failures": failed,
         },
+        rollouts=rollouts,
         inference_log=logged,
         check_runtime={"run": run.url, "state": run.state, "tasks": tasks, "result": report},
         stack_started=status.started,
     )
 
 
-def register_examples(tracking_uri: str, name: str) -> tuple[str, str]:
-    """Two versions of an example model in the registry (registered once; later runs reuse them)."""
+def approve_and_follow(
+    settings: Settings, airflow: AirflowClient, version: str, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Approve ``version`` as a data scientist would (through MLflow's REST API, twice over), then
+    follow the deploy run the registry watcher starts for it to its end."""
+    known = {run.run_id for run in airflow.runs(DEPLOY_DAG)}
+    approved = time.monotonic()
+    _mlflow(
+        settings.mlflow_url,
+        "POST",
+        "registered-models/alias",
+        name=DEMO_MODEL,
+        alias="challenger",
+        version=version,
+    )
+    _mlflow(
+        settings.mlflow_url,
+        "POST",
+        "model-versions/set-tag",
+        name=DEMO_MODEL,
+        version=version,
+        key="approval",
+        value="approved",
+    )
+    deadline = approved + ROLLOUT_TIMEOUT_S
+    run = None
+    while run is None:
+        fresh = [r for r in airflow.runs(DEPLOY_DAG) if r.run_id not in known]
+        if fresh:
+            run = fresh[0]
+        elif time.monotonic() > deadline:
+            raise MLOpsError(
+                f"no {DEPLOY_DAG} run started within {ROLLOUT_TIMEOUT_S:.0f} s of approving version {version}"
+            )
+        else:
+            time.sleep(1.0)
+    started_after = time.monotonic() - approved
+    progress(f"    {DEPLOY_DAG} run {run.run_id} started {started_after:.1f} s after the approval: {run.url}")
+    done = airflow.wait_for_run(run, timeout_s=ROLLOUT_TIMEOUT_S, progress=progress)
+    ended_after = time.monotonic() - approved
+    tasks = airflow.task_states(done)
+    if done.state != "success":
+        raise MLOpsError(f"DAG run {done.url} ended {done.state} (tasks: {tasks}); see its task logs")
+    finished = airflow.xcom(done, "finish")
+    again = [r for r in airflow.runs(DEPLOY_DAG) if r.run_id not in known and r.run_id != run.run_id]
+    return {
+        "version": version,
+        "run": done.url,
+        "outcome": finished["outcome"],
+        "reason": finished["reason"],
+        "steps": finished["steps"],
+        "report": finished["report"]["url"],
+        "started_after_s": round(started_after, 1),
+        "ended_after_s": round(ended_after, 1),
+        "extra_runs": len(again),  # an approval seen twice must start one run
+    }
+
+
+class Traffic:
+    """An application's requests, one after another until stopped, with the failures counted."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url = f"{url}/v1/models/{model}:predict"
+        self.sent = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.sent, self.failed
+
+    def _run(self) -> None:
+        rows = example_rows(5000, seed=2)
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                row = rows[self.sent % len(rows)]
+                try:
+                    ok = client.post(self.url, json={"instances": [row]}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.sent += 1
+                self.failed += not ok
+                time.sleep(0.01)
+
+
+def _serving_stable(target: Any) -> str | None:
+    from common.errors import ModelNotFound
+
+    try:
+        stable = target.status(DEMO_MODEL).stable
+    except ModelNotFound:
+        return None
+    return stable.version if stable else None
+
+
+def _mlflow(url: str, method: str, path: str, **body: Any) -> dict[str, Any]:
+    """One call of MLflow's REST API, as any client (the MLflow UI included) makes it."""
+    response = httpx.request(method, f"{url}/api/2.0/mlflow/{path}", json=body, timeout=30)
+    if response.status_code != 200:
+        raise MLOpsError(f"MLflow {path} answered {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def register_examples(tracking_uri: str, name: str) -> tuple[str, str, str]:
+    """The model's first version (registered once), and two new candidates: good and bad."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -135,11 +277,11 @@ def register_examples(tracking_uri: str, name: str) -> tuple[str, str]:
     existing = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("mlops-demo")
-    while len(existing) < 2:
-        seed = len(existing) + 1
-        with mlflow.start_run(run_name=f"example-{name}-{seed}"):
-            existing.append(int(log_mlp(name, seed, fraud_transformer())))
-    return str(existing[0]), str(existing[1])
+    with mlflow.start_run(run_name=f"example-{name}"):
+        first = str(existing[0]) if existing else log_mlp(name, 1, fraud_transformer())
+        good = log_mlp(name, 1, fraud_transformer())  # trained again: the same answers
+        bad = log_mlp(name, 1, fraud_transformer(), fault="nan")
+    return first, good, bad
 
 
 def example_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -197,15 +339,3 @@ def inference_log(settings: Settings, began_ms: int, request_id: str, expected: 
         "by_version": dict(sorted(by_version.items())),
         "labelled": labelled,
     }
-
-
-def measure_split(url: str, model: str, requests: int) -> dict[str, int]:
-    answered: collections.Counter[str] = collections.Counter()
-    rows = example_rows(requests, seed=1)
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for row in rows:
-            response = client.post(f"/v1/models/{model}:predict", json={"instances": [row]})
-            if response.status_code != 200:
-                raise MLOpsError(f"model server answered {response.status_code}: {response.text[:300]}")
-            answered[response.headers["x-model-version"]] += 1
-    return dict(sorted(answered.items()))

@@ -556,8 +556,10 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
         client.log_artifact(run_id, str(page))
         client.log_artifact(run_id, str(Path(folder) / "rollout.json"))
     client.set_terminated(run_id, "FINISHED")
-    url = f"{registry.url}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/canary-report.html"
-    return {"path": str(local), "url": url, "run_id": run_id}
+    # The page itself (MLflow serves it as HTML), and the run that keeps it in the MLflow UI.
+    url = f"{registry.url}/get-artifact?path=canary-report.html&run_uuid={run_id}"
+    run_url = f"{registry.url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return {"path": str(local), "url": url, "run_id": run_id, "run_url": run_url}
 
 
 def _links(

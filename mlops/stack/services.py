@@ -160,6 +160,9 @@ def airflow_environment(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(settings.airflow.dags_folder),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.airflow.plugins_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # An approval in MLflow must start deploy_model with no step by a person in Airflow (a
+        # paused DAG's registry watcher does not run).
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         # LocalExecutor forks this many workers up front; Airflow's 32 is too many for a small box.
         "AIRFLOW__CORE__PARALLELISM": "8",
@@ -175,6 +178,10 @@ def airflow_environment(settings: Settings) -> dict[str, str]:
         f"AIRFLOW_CONN_{RUNTIME_CONNECTION_ID.upper()}": json.dumps(
             {"conn_type": "generic", "extra": runtime_connection_extra(settings)}
         ),
+        # Read by dags/deploy_model.py when parsed (Airflow Variables from the environment, so
+        # parsing reads no database): the registry its approval watcher polls, the policies.
+        "AIRFLOW_VAR_MLOPS_MLFLOW_URL": settings.mlflow_url,
+        "AIRFLOW_VAR_MLOPS_MODELS_FILE": str(settings.deploy.models_file),
     }
     env = {key: os.environ.get(key, value) for key, value in defaults.items()}
     env["AIRFLOW_HOME"] = str(home)
@@ -188,6 +195,9 @@ def runtime_connection_extra(settings: Settings) -> dict[str, object]:
         "MLOPS_STATE_DIR": str(settings.state_dir),
         "MLOPS_MLFLOW__URL": settings.mlflow_url,
         "MLOPS_AIRFLOW__URL": settings.airflow_url,
+        "MLOPS_SERVING__URL": settings.serving_url,
+        "MLOPS_LOGS__STORE": settings.log_store_url,
+        "MLOPS_DEPLOY__MODELS_FILE": str(settings.deploy.models_file),
     }
     if os.environ.get("MLOPS_CONFIG"):
         env["MLOPS_CONFIG"] = os.environ["MLOPS_CONFIG"]

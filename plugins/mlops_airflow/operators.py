@@ -17,9 +17,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from mlops_airflow.links import LINKS, push_links
 from mlops_airflow.runtime import DEFAULT_CONN_ID, MlopsRuntimeHook, RuntimeConfig
 
 XCOM_RESULT_FILE = "/airflow/xcom/return.json"  # where the pod's xcom sidecar looks
@@ -28,41 +29,41 @@ EXIT_USAGE = 2
 _HIDDEN_ENV_PREFIXES = ("AIRFLOW", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 
 
-class MlopsOperator(BaseOperator):
-    """Run ``mlops <arguments>`` and push its JSON result to XCom.
+class _RunsMlops:
+    """Running one ``mlops`` command where the runtime connection says, and reading its JSON."""
 
-    :param arguments: the command line after ``mlops`` (templated); arguments that render to an
-        empty string are dropped, so a Jinja conditional can add or leave out a flag.
-    :param mlops_conn_id: the runtime connection (launcher, interpreter or image, env).
-    :param env: extra MLOPS_* settings for this command (templated).
-    """
+    arguments: list[str]
+    mlops_conn_id: str
+    env: dict[str, str]
+    task_id: str
+    log: Any
+    _process: subprocess.Popen[str] | None = None
 
-    template_fields: Sequence[str] = ("arguments", "env")
-    ui_color = "#e8f1fb"
-
-    def __init__(
-        self,
-        *,
-        arguments: Sequence[str],
-        mlops_conn_id: str = DEFAULT_CONN_ID,
-        env: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
+    def _configure(self, arguments: Sequence[str], mlops_conn_id: str, env: dict[str, str] | None) -> None:
         self.arguments = list(arguments)
         self.mlops_conn_id = mlops_conn_id
         self.env = dict(env or {})
-        self._process: subprocess.Popen[str] | None = None
+        self._process = None
 
     @property
     def command(self) -> list[str]:
         return [str(arg) for arg in self.arguments if str(arg) != ""]
 
-    def execute(self, context: Any) -> Any:
-        runtime = MlopsRuntimeHook(self.mlops_conn_id).get_runtime()
-        if runtime.launcher == "kubernetes":
-            return self.pod_operator(runtime).execute(context)
-        return self._run_subprocess(runtime)
+    def run_command(self, context: Any) -> Any:
+        try:
+            runtime = MlopsRuntimeHook(self.mlops_conn_id).get_runtime()
+            if runtime.launcher == "kubernetes":
+                result = self.pod_operator(runtime).execute(context)
+            else:
+                result = self._run_subprocess(runtime)
+        except AirflowException as exc:
+            # Kept for the tasks after it (the deploy DAG's abort says why in the registry).
+            ti = context.get("ti") if hasattr(context, "get") else None
+            if ti is not None:
+                ti.xcom_push(key="mlops_error", value={"task": self.task_id, "message": str(exc)})
+            raise
+        push_links(context, result)
+        return result
 
     # --- on this machine --------------------------------------------------------------------
 
@@ -147,6 +148,72 @@ class MlopsOperator(BaseOperator):
             on_finish_action="delete_pod",
             **optional,
         )
+
+
+class MlopsOperator(_RunsMlops, BaseOperator):
+    """Run ``mlops <arguments>`` and push its JSON result to XCom.
+
+    :param arguments: the command line after ``mlops`` (templated); arguments that render to an
+        empty string are dropped, so a Jinja conditional can add or leave out a flag.
+    :param mlops_conn_id: the runtime connection (launcher, interpreter or image, env).
+    :param env: extra MLOPS_* settings for this command (templated).
+    :param links: show the task's links (canary report, MLflow version, model server metrics) that
+        the command's result names under ``links``.
+    """
+
+    template_fields: Sequence[str] = ("arguments", "env")
+    ui_color = "#e8f1fb"
+
+    def __init__(
+        self,
+        *,
+        arguments: Sequence[str],
+        mlops_conn_id: str = DEFAULT_CONN_ID,
+        env: dict[str, str] | None = None,
+        links: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._configure(arguments, mlops_conn_id, env)
+        if links:
+            self.operator_extra_links = LINKS
+
+    def execute(self, context: Any) -> Any:
+        return self.run_command(context)
+
+
+class MlopsSensor(_RunsMlops, BaseSensorOperator):
+    """Run ``mlops <arguments>`` at each poke until its JSON result says ``done``.
+
+    Meant for ``mode="reschedule"``: between pokes the task holds no worker slot; each poke is one
+    short command (``mlops deploy advance``), so the waiting is Airflow's and the state is the
+    command's (kept where it survives a worker's death). The last result is the task's XCom.
+    """
+
+    template_fields: Sequence[str] = ("arguments", "env")
+    ui_color = "#fdf1dc"
+
+    def __init__(
+        self,
+        *,
+        arguments: Sequence[str],
+        mlops_conn_id: str = DEFAULT_CONN_ID,
+        env: dict[str, str] | None = None,
+        done_key: str = "done",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._configure(arguments, mlops_conn_id, env)
+        self.done_key = done_key
+
+    def poke(self, context: Any) -> PokeReturnValue:
+        result = self.run_command(context)
+        if not isinstance(result, dict) or self.done_key not in result:
+            raise AirflowFailException(
+                f"mlops {' '.join(self.command[:2])} printed no '{self.done_key}': {result!r}"
+            )
+        self.log.info("%s", result.get("state", result))
+        return PokeReturnValue(is_done=bool(result[self.done_key]), xcom_value=result)
 
 
 def _parse_json(stdout: str) -> Any:

@@ -8,7 +8,6 @@ by itself and the next run takes over."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from serving.examples import log_mlp
 from tests.helpers import mlops_env, run_mlops
+from tests.load import Load
 from tests.servers import Admin, mlflow_server, model_server
 
 pytestmark = pytest.mark.integration
@@ -29,36 +29,6 @@ models:
     ramp: {initial_percent: 20, steps: [50], min_requests: 25, min_step_s: 1.5, max_step_s: 40, poke_s: 0.5}
     thresholds: {p95_margin_ms: 2.5}
 """
-
-
-class Load:
-    """Requests all the time, as an application would send them; counts what failed."""
-
-    def __init__(self, url: str) -> None:
-        self.url = f"{url}/v1/models/{MODEL}:predict"
-        self.sent = self.failed = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._rng = np.random.default_rng(0)
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as http:
-            while not self._stop.is_set():
-                row = self._rng.normal(size=16).round(4).tolist()
-                response = http.post(self.url, json={"instances": [row]})
-                self.sent += 1
-                if response.status_code != 200 and response.status_code != 404:  # 404: before the first load
-                    self.failed += 1
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +117,7 @@ def test_good_version_reaches_100_percent_and_the_registry_says_so(world):
     assert first["outcome"] == "promoted" and first["version"] == v["v1"]
     assert "first version" in first["reason"]
     approve(world, v["good"])
-    with Load(world["server"].url) as load:
+    with Load(world["server"].url, MODEL) as load:
         done = roll_out(world, "run-good")
     assert done["outcome"] == "promoted", done
     assert [s["percent"] for s in done["steps"]] == [20, 50]
@@ -171,7 +141,7 @@ def test_good_version_reaches_100_percent_and_the_registry_says_so(world):
 def test_bad_version_is_rolled_back_at_the_first_step_with_stable_untouched(world, name, failed_check):
     v = world["versions"]
     approve(world, v[name])
-    with Load(world["server"].url) as load:
+    with Load(world["server"].url, MODEL) as load:
         done = roll_out(world, f"run-{name}")
     assert done["outcome"] == "rolled_back", done
     assert [s["decision"] for s in done["steps"]] == ["fail"]  # at the first step
@@ -226,7 +196,7 @@ def test_a_run_that_stops_mid_ramp_loses_its_canary_and_the_next_run_takes_over(
     for key in ("rollout", "rollout.run", "rollout.reason"):  # the data scientist tries it again
         client.delete_model_version_tag(MODEL, v["later"], key)
     approve(world, v["later"])
-    with Load(world["server"].url) as load:
+    with Load(world["server"].url, MODEL) as load:
         short = {"MLOPS_DEPLOY__LEASE_S": "3"}  # the run renews for 3 s at a time, then dies
         assert deploy(world, "begin", MODEL, "--run-id", "run-killed", **short).code == 0
         assert deploy(world, "advance", MODEL, "--run-id", "run-killed", **short).json["percent"] == 20

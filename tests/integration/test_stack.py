@@ -16,7 +16,7 @@ from tests.helpers import mlops_env, run_mlops
 
 pytestmark = pytest.mark.integration
 
-TTL_S = "900"  # the stack stops by itself even if this test run dies
+TTL_S = "1500"  # the stack stops by itself even if this test run dies
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def stack(tmp_path_factory):
         MLOPS_AIRFLOW__PORT=str(free_port()),
     )
     # The README's main job: the stack up from nothing, then a DAG run through Airflow.
-    demo = run_mlops("demo", "--ttl-s", TTL_S, env=env, timeout=600)
+    demo = run_mlops("demo", "--ttl-s", TTL_S, env=env, timeout=1200)
     try:
         assert demo.code == 0, demo.stderr[-3000:]
         status = run_mlops("stack", "status", "--json", env=env)
@@ -86,27 +86,40 @@ def test_the_airflow_password_is_never_printed_and_its_file_is_private(stack):
     assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
 
 
-def test_demo_deploys_registry_versions_and_canaries_the_second(stack):
+def test_demo_approvals_in_mlflow_start_deploy_runs_that_promote_the_good_and_roll_back_the_bad(stack):
+    """The real event path: an approval set through MLflow's REST API, the registry watcher in
+    Airflow's triggerer, the asset event, the scheduler, the DAG's tasks in the runtime."""
+    registry, rollouts = stack["demo"]["registry"], stack["demo"]["rollouts"]
+    good, bad = rollouts["good"], rollouts["bad"]
+    assert good["version"] == registry["good"] and good["outcome"] == "promoted"
+    assert all(step["decision"] == "pass" for step in good["steps"])
+    assert bad["version"] == registry["bad"] and bad["outcome"] == "rolled_back"
+    assert [step["decision"] for step in bad["steps"]] == ["fail"] and "error rate" in bad["reason"]
+    for rollout in (good, bad):
+        assert rollout["started_after_s"] < 60  # within a minute of the approval
+        assert rollout["extra_runs"] == 0  # alias and tag: seen twice, deployed once
+        assert "/dags/deploy_model/runs/asset_triggered__" in rollout["run"]
     served = stack["demo"]["serving"]
-    first, second = stack["demo"]["registry"]["versions"]
+    assert served["stable"] == registry["good"]
+    assert served["application_requests"] > 300 and served["application_failures"] == 0
     assert len(served["sample_predictions"]) == 3
     assert all(p["label"] in ("legit", "fraud") for p in served["sample_predictions"])
-    split = served["split_answers"]
-    assert set(split) == {first, second}
-    assert abs(100 * split[second] / sum(split.values()) - served["canary_percent"]) < 6
-    assert served["after_promote"] == {second: 50} and served["stable"] == second
+    page = httpx.get(good["report"], timeout=10)
+    assert page.status_code == 200 and "Canary report" in page.text and page.text.count("<img") >= 2
 
 
 def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):
     logged = stack["demo"]["inference_log"]
-    assert logged["events"] == 3 + 500 + 50  # the sample, the split, after the promotion
+    served = stack["demo"]["serving"]
+    assert logged["events"] == 3 + served["application_requests"]  # the sample, and the application's
     assert logged["labelled"] == 3
     query = run_mlops(
         "logs", "query", "--model", "demo-fraud", "--since", "1h", "--limit", "1", env=stack["env"]
     )
     assert query.code == 0, query.stderr
     assert query.json["count"] >= logged["events"]
-    assert set(query.json["by_version"]) == set(stack["demo"]["registry"]["versions"])
+    registry = stack["demo"]["registry"]
+    assert set(query.json["by_version"]) == {registry["first"], registry["good"], registry["bad"]}
     assert query.json["events"][0]["inputs"].keys() == {"amount", "age_days", "country"}
 
 
@@ -115,7 +128,7 @@ def test_cli_drives_the_stacks_model_server(stack):
     status = run_mlops("serve", "status", model, env=stack["env"])
     assert status.code == 0, status.stderr
     stable = status.json["stable"]["version"]
-    other = next(v for v in stack["demo"]["registry"]["versions"] if v != stable)
+    other = stack["demo"]["registry"]["first"]
     loaded = run_mlops(
         "serve", "load", model, "--version", other, "--uri", f"models:/{model}/{other}", env=stack["env"]
     )

@@ -37,3 +37,33 @@ def test_check_runtime_offers_typed_params_in_the_ui(dagbag):
     params = dagbag.dags["check_runtime"].params
     assert params.get_param("require_gpu").schema["type"] == "boolean"
     assert params.get_param("check_registry").schema["type"] == "boolean"
+
+
+def test_deploy_model_is_scheduled_on_the_registry_watchers_asset(dagbag):
+    dag = dagbag.dags["deploy_model"]
+    asset = dag.timetable.asset_condition
+    assert asset.uri == "mlops://registry/approvals"
+    [watcher] = asset.watchers
+    assert watcher.trigger.serialize()[0] == "mlops_airflow.approvals.ApprovalTrigger"
+
+
+def test_deploy_model_form_has_typed_params_with_the_policy_files_defaults_named(dagbag):
+    params = dagbag.dags["deploy_model"].params
+    assert params.get_param("model").schema["type"] == "string"
+    assert params.get_param("steps").schema["type"] == ["null", "array"]
+    assert params.get_param("insufficient").schema["enum"] == [None, "rollback", "fail"]
+    help_text = params.get_param("min_requests").description
+    assert "default 100" in help_text and "demo-fraud: 40" in help_text  # from config/models.yaml
+
+
+def test_deploy_model_waits_without_holding_a_worker_and_undoes_any_failure(dagbag):
+    dag = dagbag.dags["deploy_model"]
+    ramp, abort = dag.get_task("ramp"), dag.get_task("abort")
+    assert ramp.mode == "reschedule"
+    assert abort.trigger_rule == "one_failed"
+    assert {t.task_id for t in abort.upstream_list} == {"verify", "ramp", "finish"}
+    assert [t.task_id for t in dag.get_task("verify").upstream_list] == ["go"]
+    assert {link.name for link in dag.get_task("finish").operator_extra_links} >= {
+        "Canary report",
+        "MLflow model version",
+    }
