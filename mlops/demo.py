@@ -332,10 +332,15 @@ def inference_log(settings: Settings, began_ms: int, request_id: str, expected: 
         raise MLOpsError(
             f"the inference log holds {found} of {expected} events and {labelled} labels after 60 s"
         )
-    by_version = collections.Counter(e.version for e in store.query(DEMO_MODEL, began_ms, end))
+    by_version: collections.Counter[str] = collections.Counter()
+    failed = 0  # the canary's failures: each answered again by stable, so a request logged twice
+    for event in store.query(DEMO_MODEL, began_ms, end):
+        by_version[event.version] += 1
+        failed += event.status != "ok"
     return {
         "store": settings.log_store_url,
         "events": found,
         "by_version": dict(sorted(by_version.items())),
+        "failed_attempts": failed,
         "labelled": labelled,
     }

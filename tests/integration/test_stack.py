@@ -111,7 +111,9 @@ def test_demo_approvals_in_mlflow_start_deploy_runs_that_promote_the_good_and_ro
 def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):
     logged = stack["demo"]["inference_log"]
     served = stack["demo"]["serving"]
-    assert logged["events"] == 3 + served["application_requests"]  # the sample, and the application's
+    # the sample, the application's requests, and the bad canary's failed attempts (answered again by stable)
+    assert logged["events"] == 3 + served["application_requests"] + logged["failed_attempts"]
+    assert 0 < logged["failed_attempts"] < 0.05 * served["application_requests"]
     assert logged["labelled"] == 3
     query = run_mlops(
         "logs", "query", "--model", "demo-fraud", "--since", "1h", "--limit", "1", env=stack["env"]
