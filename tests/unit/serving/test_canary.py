@@ -24,16 +24,19 @@ def events(
     fraud_share: float = 0.1,
     seed: int = 0,
     version: str | None = None,
+    labelled: bool = True,
 ) -> list[InferenceEvent]:
+    """``count`` requests of one role (a row each), about ``error_rate`` of them failed."""
     rng = random.Random(seed)
     made = []
     for i in range(count):
         failed = rng.random() < error_rate
         label = "fraud" if rng.random() < fraud_share else "legit"
+        outputs = {"label": label, "probabilities": [0.9, 0.1]} if labelled else {}
         made.append(
             InferenceEvent(
-                f"{role}{i}-0", T0 + i, "fraud", version or ("1" if role == "stable" else "2"), role, f"{role}-{i}", 0,
-                {"amount": 1.0}, {} if failed else {"label": label, "probabilities": [0.9, 0.1]},
+                f"{role}{seed}-{i}-0", T0 + i, "fraud", version or ("1" if role == "stable" else "2"), role,
+                f"{role}{seed}-{i}", 0, {"amount": 1.0}, {} if failed else outputs,
                 latency_ms * (1 + 0.2 * rng.random()), "error" if failed else "ok", "boom" if failed else None,
             )
         )  # fmt: skip

@@ -4,40 +4,22 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import random
 import re
 from html import escape
 
-from monitoring.events import InferenceEvent
 from serving.canary import analyze
 from serving.report import render_report, write_report
+from tests.unit.serving.test_canary import T0
+from tests.unit.serving.test_canary import events as canary_events
 
-T0 = 1_790_000_000_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def events(
-    role: str,
-    count: int,
-    error_rate: float = 0.0,
-    latency_ms: float = 2.0,
-    seed: int = 0,
-    labelled: bool = True,
-) -> list[InferenceEvent]:
-    rng = random.Random(seed)
-    made = []
-    for i in range(count):
-        failed = rng.random() < error_rate
-        outputs = {"label": "fraud" if rng.random() < 0.1 else "legit"} if labelled else {}
-        made.append(
-            InferenceEvent(
-                f"{role}{seed}-{i}-0", T0 + i, "fraud", "2" if role == "stable" else "3", role, f"{role}{seed}-{i}",
-                0, {"amount": 1.0}, {} if failed else outputs, latency_ms * (1 + 0.2 * rng.random()),
-                "error" if failed else "ok", "boom" if failed else None,
-            )
-        )  # fmt: skip
-    return made
+def events(role: str, count: int, error_rate: float = 0.0, seed: int = 0, labelled: bool = True):
+    """The canary tests' events, as versions 2 (stable) and 3 (canary)."""
+    version = "2" if role == "stable" else "3"
+    return canary_events(role, count, error_rate, seed=seed, version=version, labelled=labelled)
 
 
 def step(percent: float, number: int, canary_error_rate: float = 0.0, labelled: bool = True) -> dict:
