@@ -236,7 +236,7 @@ class KServeTarget:
         check_storage_uri(uri)
         if role not in ("stable", "canary"):
             raise InvalidInput(f"role must be stable or canary, got {role!r}")
-        current, _ = self._read(model)
+        current, isvc = self._read(model)
         ref = VersionRef(str(version), uri)
         transformer = bool(self._has_transformer(uri))
         if current is None or role == "stable":
@@ -248,7 +248,7 @@ class KServeTarget:
                     "stable one does not match; deploy it as stable instead"
                 )
             rollout = Rollout(stable=current.stable, canary=ref, canary_percent=0.0, transformer=transformer)
-        return self._apply(model, rollout, exists=current is not None)
+        return self._apply(model, rollout, isvc)
 
     def set_traffic(self, model: str, canary_percent: float, mode: Mode = "split") -> Deployment:
         if mode != "split":
@@ -257,24 +257,24 @@ class KServeTarget:
             )
         if not 0 <= canary_percent <= 100:
             raise InvalidInput(f"canary_percent must be between 0 and 100, got {canary_percent}")
-        current = self._require(model)
+        current, isvc = self._require(model)
         if current.canary is None:
             raise InvalidInput(f"model '{model}' has no canary to send traffic to; load one first")
         return self._apply(
-            model, Rollout(current.stable, current.canary, canary_percent, current.transformer)
+            model, Rollout(current.stable, current.canary, canary_percent, current.transformer), isvc
         )
 
     def promote(self, model: str) -> Deployment:
-        current = self._require(model)
+        current, isvc = self._require(model)
         if current.canary is None:
             raise InvalidInput(f"model '{model}': there is no canary to promote")
-        return self._apply(model, Rollout(stable=current.canary, transformer=current.transformer))
+        return self._apply(model, Rollout(stable=current.canary, transformer=current.transformer), isvc)
 
     def rollback(self, model: str) -> Deployment:
-        current = self._require(model)
+        current, isvc = self._require(model)
         if current.canary is None:
             raise InvalidInput(f"model '{model}': there is no canary to roll back")
-        return self._apply(model, Rollout(stable=current.stable, transformer=current.transformer))
+        return self._apply(model, Rollout(stable=current.stable, transformer=current.transformer), isvc)
 
     def status(self, model: str) -> Deployment:
         current, isvc = self._read(model)
@@ -284,11 +284,11 @@ class KServeTarget:
 
     # ---------------------------------------------------------------------------------------
 
-    def _require(self, model: str) -> Rollout:
-        current, _ = self._read(model)
-        if current is None:
+    def _require(self, model: str) -> tuple[Rollout, dict[str, Any]]:
+        current, isvc = self._read(model)
+        if current is None or isvc is None:
             raise ModelNotFound(f"model '{model}' has no InferenceService in namespace '{self.namespace}'")
-        return current
+        return current, isvc
 
     def _read(self, model: str) -> tuple[Rollout | None, dict[str, Any] | None]:
         """The rollout recorded on the model's InferenceService (None if there is none), and the object."""
@@ -331,7 +331,7 @@ class KServeTarget:
         lease = Lease(
             model, owner, time.time() + ttl_s, record if record is not None else (held.record if held else {})
         )
-        self._apply(model, current, lease=lease, isvc=isvc)
+        self._apply(model, current, isvc, lease=lease)
         return lease
 
     def release_lease(self, model: str, owner: str) -> Lease:
@@ -341,7 +341,7 @@ class KServeTarget:
         held = _held(isvc)
         if held is not None and held.owner != owner:
             raise _lease_held(model, held)
-        self._apply(model, current, lease=None, isvc=isvc)
+        self._apply(model, current, isvc, lease=None)
         return Lease(model, None)
 
     def lease(self, model: str) -> Lease:
@@ -350,16 +350,10 @@ class KServeTarget:
         return held or Lease(model, None)
 
     def _apply(
-        self,
-        model: str,
-        rollout: Rollout,
-        exists: bool = True,
-        lease: Lease | None | bool = True,
-        isvc: Any | None = None,
+        self, model: str, rollout: Rollout, isvc: dict[str, Any] | None, lease: Lease | None | bool = True
     ) -> Deployment:
-        """Write ``rollout`` (keeping the lease unless ``lease`` says which, or None for none)."""
-        if exists and isvc is None:
-            _, isvc = self._read(model)
+        """Write ``rollout`` over ``isvc``, the object as read when the change was worked out (None:
+        create it), keeping its lease (``lease`` True) or writing ``lease`` instead (None: none)."""
         held = _held(isvc) if isvc is not None else None
         if lease is True and held is not None and held.owner != self.owner:
             raise _lease_held(model, held)
@@ -371,12 +365,11 @@ class KServeTarget:
             )
         if isvc is not None:  # optimistic concurrency: the cluster refuses a replace of a changed object
             desired.metadata.resource_version = (isvc.get("metadata") or {}).get("resourceVersion")
-        isvc = desired
         try:
-            if exists:
-                applied = self.client.replace(model, isvc, namespace=self.namespace)
+            if isvc is not None:
+                applied = self.client.replace(model, desired, namespace=self.namespace)
             else:
-                applied = self.client.create(isvc, namespace=self.namespace)
+                applied = self.client.create(desired, namespace=self.namespace)
         except RuntimeError as exc:
             from kubernetes.client.rest import ApiException
 

@@ -232,10 +232,9 @@ def test_of_two_writers_racing_the_cluster_refuses_the_stale_one():
     kserve.deploy("fraud", "2", V2.uri)
     stale = cluster.objects["fraud"]
     fresh = dict(stale, metadata=dict(stale["metadata"], resourceVersion="999"))
-    cluster.client.get.side_effect = [stale, fresh]  # read, then someone else writes before the replace
-    cluster.objects["fraud"] = fresh
+    cluster.objects["fraud"] = fresh  # someone else wrote after this target read `stale`
     with pytest.raises(LeaseHeld, match="another writer"):
-        kserve._apply("fraud", kserve_rollout(stale), isvc=stale)
+        kserve._apply("fraud", kserve_rollout(stale), stale)
 
 
 def kserve_rollout(manifest: dict) -> Rollout:
