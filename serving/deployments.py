@@ -15,6 +15,7 @@ outlives the run that set it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -33,21 +34,12 @@ from serving.bundle import read_bundle
 from serving.model import VersionModel
 from serving.router import Mode, Role, Routing
 from serving.sources import fetch, resolve
+from serving.targets import Lease
 
 log = logging.getLogger(__name__)
 _RETIRE_CHECK_S = 5.0
 LEASE_CHECK_S = 1.0
 MAX_LEASE_S = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class Lease:
-    owner: str
-    expires_at: float  # epoch seconds
-    record: dict[str, Any]  # the owner's progress (the rollout record), kept with the lease
-
-    def describe(self, name: str) -> dict[str, Any]:
-        return {"model": name, "owner": self.owner, "expires_at": self.expires_at, "record": self.record}
 
 
 @dataclass(frozen=True)
@@ -110,10 +102,9 @@ class Deployments:
         self.cache_dir = settings.serving_dir / "models"
         self._routing: dict[str, Routing[Loaded]] = {}
         self._lock = asyncio.Lock()  # one admin change at a time; requests never take it
-        self._leases: dict[str, Lease] = {}
-        self.expired: dict[
-            str, dict[str, Any]
-        ] = {}  # model -> the last lease that ran out, and what it undid
+        self._leases: dict[str, Lease] = {}  # model -> its rollout's lease (owner, expiry, record)
+        # model -> the last lease that ran out unrenewed, and what it undid
+        self.expired: dict[str, dict[str, Any]] = {}
         self._repository: kserve.model_repository.ModelRepository | None = None  # set by attach()
         self.restored = False  # until the saved deployments are back, the server is not ready
 
@@ -202,7 +193,7 @@ class Deployments:
         if lease is not None and lease.owner != owner:
             raise LeaseHeld(
                 f"model '{name}' is being rolled out by '{lease.owner}' (lease until"
-                f" {_iso(lease.expires_at)}); only that owner may change it until it ends or the lease runs out"
+                f" {_iso(lease.expires_at or 0)}); only that owner may change it until it ends or the lease runs out"
             )
 
     async def take_lease(
@@ -216,8 +207,8 @@ class Deployments:
         async with self._lock:
             self.check_owner(name, owner)
             current = self._live_lease(name)
-            kept = record if record is not None else (current.record if current else {})
-            self._leases[name] = Lease(owner, time.time() + ttl_s, kept)
+            kept = record if record is not None else ((current.record or {}) if current else {})
+            self._leases[name] = Lease(name, owner, time.time() + ttl_s, kept)
             self._save()
         return self.lease(name)
 
@@ -229,14 +220,12 @@ class Deployments:
         return self.lease(name)
 
     def lease(self, name: str) -> dict[str, Any]:
-        lease = self._live_lease(name)
-        if lease is None:
-            return {"model": name, "owner": None, "expired": self.expired.get(name)}
-        return lease.describe(name)
+        lease = self._live_lease(name) or Lease(name, None, expired=self.expired.get(name))
+        return dataclasses.asdict(lease)
 
     def _live_lease(self, name: str) -> Lease | None:
         lease = self._leases.get(name)
-        return lease if lease is not None and lease.expires_at > time.time() else None
+        return lease if lease is not None and (lease.expires_at or 0) > time.time() else None
 
     async def watch_leases(self) -> None:
         """Forever: end each lease that ran out, rolling back the canary it left (a server task)."""
@@ -250,7 +239,7 @@ class Deployments:
     async def expire_leases(self) -> None:
         now = time.time()
         for name, lease in list(self._leases.items()):
-            if lease.expires_at > now:
+            if (lease.expires_at or 0) > now:
                 continue
             undone = None
             async with self._lock:
@@ -309,7 +298,9 @@ class Deployments:
             log.error("ignoring unreadable %s", self.state_file)
             return
         for name, entry in saved.get("leases", {}).items():
-            self._leases[name] = Lease(entry["owner"], float(entry["expires_at"]), entry.get("record") or {})
+            self._leases[name] = Lease(
+                name, entry["owner"], float(entry["expires_at"]), entry.get("record") or {}
+            )
         for name, entry in saved.get("models", {}).items():
             try:
                 for role in ("stable", "canary"):
