@@ -54,6 +54,11 @@ class Ramp:
     def percents(self) -> tuple[float, ...]:
         return (self.initial_percent, *self.steps)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Ramp:
+        """From a mapping (the file's, or a record's JSON), its steps a list or a tuple."""
+        return cls(**{**values, "steps": tuple(values.get("steps", cls.steps))})
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -101,9 +106,7 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
             # In the file a null is a value (no alias); in a run's params it means "as configured".
             merged.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None or number < 2})
     try:
-        ramp = Ramp(
-            **{**merged.get("ramp", {}), "steps": tuple(merged.get("ramp", {}).get("steps", Ramp.steps))}
-        )
+        ramp = Ramp.from_dict(merged.get("ramp", {}))
         policy = Policy(
             model=model,
             approval=Approval(**merged.get("approval", {})),

@@ -35,10 +35,9 @@ from common.settings import Settings
 from monitoring.events import now_ms
 from serving.canary import Thresholds, analyze
 from serving.policy import Approval, Ramp, load_policy
+from serving.registry import HANDLED, ROLLOUT_TAG, Registry
 from serving.targets import Deployment, DeploymentTarget, get_deployment_target
 
-ROLLOUT_TAG = "rollout"  # queued | in_progress | promoted | rolled_back | replaced | insufficient
-HANDLED = ("promoted", "rolled_back", "replaced", "insufficient")
 CHAMPION = "champion"
 
 
@@ -56,85 +55,6 @@ class Step:
     percent: float | None
     state: str  # in words: waiting for what, decided what
     record: dict[str, Any]
-
-
-# --- the registry -----------------------------------------------------------------------------
-
-
-class Registry:
-    """The MLflow calls a rollout makes; every failure an ``MLOpsError`` naming the model."""
-
-    def __init__(self, url: str) -> None:
-        from mlflow import MlflowClient
-
-        self.url = url
-        self.client = MlflowClient(tracking_uri=url, registry_uri=url)
-
-    def version(self, model: str, version: str) -> Any:
-        from mlflow.exceptions import MlflowException
-
-        from serving.sources import mlflow_not_found
-
-        try:
-            return self.client.get_model_version(model, version)
-        except MlflowException as exc:
-            if mlflow_not_found(exc):
-                raise ModelNotFound(
-                    f"model '{model}' version {version} is not in the registry at {self.url}"
-                ) from exc
-            raise
-
-    def alias(self, model: str, alias: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        from serving.sources import mlflow_not_found
-
-        try:
-            return str(self.client.get_model_version_by_alias(model, alias).version)
-        except MlflowException as exc:
-            if mlflow_not_found(exc):
-                return None
-            raise
-
-    def signal(self, model: str, version: Any, approval: Approval) -> str | None:
-        """Which approval signal the version carries (None: not approved)."""
-        if approval.alias and self.alias(model, approval.alias) == str(version.version):
-            return f"alias {approval.alias}"
-        pair = approval.tag_pair
-        if pair and version.tags.get(pair[0]) == pair[1]:
-            return f"tag {approval.tag}"
-        if approval.legacy_stage and version.current_stage == "Staging":
-            return "stage Staging"
-        return None
-
-    def approved(self, model: str, approval: Approval) -> str | None:
-        """The version to roll out: the alias's, else the newest tagged (or staged) one not handled."""
-        if approval.alias and (version := self.alias(model, approval.alias)):
-            return version
-        candidates = []
-        pair = approval.tag_pair
-        if pair:
-            found = self.client.search_model_versions(f"name = '{model}' and tags.`{pair[0]}` = '{pair[1]}'")
-            candidates += list(found)
-        if approval.legacy_stage:
-            candidates += [
-                v
-                for v in self.client.search_model_versions(f"name = '{model}'")
-                if v.current_stage == "Staging"
-            ]
-        fresh = [v for v in candidates if v.tags.get(ROLLOUT_TAG) not in HANDLED]
-        return str(max(fresh, key=lambda v: int(v.version)).version) if fresh else None
-
-    def tag(self, model: str, version: str, tags: dict[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_model_version_tag(model, version, key, str(value))
-
-    def drop_alias_if(self, model: str, alias: str, version: str) -> bool:
-        """Remove ``alias`` when it still names ``version`` (it may have moved to a newer one)."""
-        if alias and self.alias(model, alias) == version:
-            self.client.delete_registered_model_alias(model, alias)
-            return True
-        return False
 
 
 # --- the steps --------------------------------------------------------------------------------
@@ -187,10 +107,7 @@ def begin(
             "record": record,
             "links": _links(registry, record),
         }
-    try:
-        deployment: Deployment | None = target.status(model)
-    except ModelNotFound:
-        deployment = None
+    deployment = _status(target, model)
     if deployment is not None and deployment.stable is not None and deployment.stable.version == version:
         target.release_lease(model, run_id)
         return _skip(model, version, f"version {version} already serves 100 % of '{model}' at {target_url}")
@@ -232,7 +149,7 @@ def advance(settings: Settings, model: str, run_id: str, target_url: str | None 
     version = record["version"]
     if record["decided"] is not None:
         return Step(model, version, True, None, f"decided: {record['decided']}", record)
-    ramp = Ramp(**{**record["policy"]["ramp"], "steps": tuple(record["policy"]["ramp"]["steps"])})
+    ramp = Ramp.from_dict(record["policy"]["ramp"])
     steps: list[dict[str, Any]] = record["steps"]
     now = now_ms()
     if record["first"]:  # nothing to compare with: the model's first version goes straight to stable
@@ -320,24 +237,14 @@ def abort(
     target = get_deployment_target(_target_url(settings, model, target_url), settings, owner=run_id)
     lease = target.lease(model)
     if lease.owner is not None and lease.owner != run_id:
-        return {
-            "model": model,
-            "run_id": run_id,
-            "action": "none",
-            "reason": f"model '{model}' is held by run {lease.owner}",
-        }
+        return _untouched(model, run_id, f"model '{model}' is held by run {lease.owner}")
     record = lease.record if lease.owner == run_id else (lease.expired or {}).get("record")
     if not record or record.get("run_id") != run_id:
-        return {
-            "model": model,
-            "run_id": run_id,
-            "action": "none",
-            "reason": f"run {run_id} holds no rollout of '{model}'",
-        }
+        return _untouched(model, run_id, f"run {run_id} holds no rollout of '{model}'")
     if record.get("outcome") in HANDLED:
         if lease.owner == run_id:
             target.release_lease(model, run_id)
-        return {"model": model, "run_id": run_id, "action": "none", "reason": f"already {record['outcome']}"}
+        return _untouched(model, run_id, f"already {record['outcome']}")
     if lease.owner == run_id:
         _drop_canary(target, model, record["version"])
     registry = Registry(settings.mlflow_url)
@@ -416,12 +323,17 @@ def _analyze(settings: Settings, model: str, record: dict[str, Any], start: int,
         store.close()
 
 
-def _drop_canary(target: DeploymentTarget, model: str, version: str) -> None:
+def _status(target: DeploymentTarget, model: str) -> Deployment | None:
+    """The model's state on the target; None when the target has never served it."""
     try:
-        status = target.status(model)
+        return target.status(model)
     except ModelNotFound:
-        return
-    if status.canary is not None and status.canary.version == version:
+        return None
+
+
+def _drop_canary(target: DeploymentTarget, model: str, version: str) -> None:
+    status = _status(target, model)
+    if status is not None and status.canary is not None and status.canary.version == version:
         target.rollback(model)
 
 
@@ -505,9 +417,14 @@ def _figures(analysis: dict[str, Any]) -> dict[str, Any]:
     return {
         "canary_requests": analysis["canary"]["requests"],
         "stable_requests": analysis["stable"]["requests"],
-        "canary_error_rate": round(analysis["canary"]["errors"] / max(analysis["canary"]["requests"], 1), 4),
+        "canary_error_rate": round(_error_rate(analysis["canary"]), 4),
         **checks,
     }
+
+
+def _error_rate(figures: dict[str, Any]) -> float:
+    """A role's error rate from its figures as a record keeps them (``RoleFigures``, as JSON)."""
+    return figures["errors"] / figures["requests"] if figures["requests"] else 0.0
 
 
 def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> dict[str, Any]:
@@ -537,18 +454,8 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
     for number, step in enumerate(record["steps"]):
         analysis = step.get("analysis")
         if analysis:
-            client.log_metric(
-                run_id,
-                "canary_error_rate",
-                analysis["canary"]["errors"] / max(analysis["canary"]["requests"], 1),
-                step=number,
-            )
-            client.log_metric(
-                run_id,
-                "stable_error_rate",
-                analysis["stable"]["errors"] / max(analysis["stable"]["requests"], 1),
-                step=number,
-            )
+            for role in ("canary", "stable"):
+                client.log_metric(run_id, f"{role}_error_rate", _error_rate(analysis[role]), step=number)
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder) / "canary-report.html"
         page.write_bytes(local.read_bytes())
@@ -588,6 +495,11 @@ def _summary(record: dict[str, Any], report: dict[str, Any], registry: Registry)
         "report": report,
         "links": _links(registry, record, report),
     }
+
+
+def _untouched(model: str, run_id: str, reason: str) -> dict[str, Any]:
+    """What ``abort`` answers when there was nothing of the run's to undo."""
+    return {"model": model, "run_id": run_id, "action": "none", "reason": reason}
 
 
 def _skip(model: str, version: str, reason: str) -> dict[str, Any]:

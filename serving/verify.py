@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from common.errors import InvalidInput, ModelNotFound
 from common.settings import Settings
 
 SHA256_TAG = "mlops.sha256"
@@ -44,21 +44,14 @@ class Verification:
 
 def verify_version(model: str, version: str, settings: Settings) -> Verification:
     """Verify a registered version (see the module's docstring); InvalidInput names a refusal."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from serving.bundle import read_bundle
     from serving.model import VersionModel
-    from serving.sources import fetch, mlflow_not_found
+    from serving.registry import Registry
+    from serving.sources import fetch
 
     where = f"model '{model}' version {version}"
-    client = MlflowClient(tracking_uri=settings.mlflow_url, registry_uri=settings.mlflow_url)
-    try:
-        registered = client.get_model_version(model, version)
-    except MlflowException as exc:
-        if mlflow_not_found(exc):
-            raise ModelNotFound(f"{where} is not in the registry at {settings.mlflow_url}") from exc
-        raise BackendUnavailable(f"MLflow at {settings.mlflow_url}: {exc.message}") from exc
+    registry = Registry(settings.mlflow_url)
+    registered = registry.version(model, version)
     uri = f"models:/{model}/{version}"
     with tempfile.TemporaryDirectory(prefix="mlops-verify-") as fresh:  # the store's bytes, not a cache's
         try:
@@ -83,7 +76,7 @@ def verify_version(model: str, version: str, settings: Settings) -> Verification
         smoke = _example_answer(loaded, bundle.path, where)
         expectations = "no great-expectations suite registered for this version"
         if recorded is None:
-            client.set_model_version_tag(model, version, SHA256_TAG, bundle.sha256)
+            registry.tag(model, version, {SHA256_TAG: bundle.sha256})
         return Verification(
             model=model,
             version=str(version),
