@@ -128,15 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     from serving.canary import Thresholds
 
     defaults = Thresholds()
-    for flag, kind, what in (
-        ("--min-requests", int, "requests per role to decide at all"),
-        ("--alpha", float, "significance of the error-rate test"),
-        ("--error-margin", float, "error-rate increase that fails"),
-        ("--p95-ratio-max", float, "canary/stable p95 latency at most"),
-        ("--p95-margin-ms", float, "and the canary at most this much slower"),
-        ("--js-max", float, "prediction distributions' distance at most"),
-    ):
-        default = getattr(defaults, flag[2:].replace("-", "_"))
+    for flag, kind, what in (("--min-requests", int, "requests per role to decide at all"), *_THRESHOLDS):
+        default = getattr(defaults, _dest(flag))
         analyze.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
     analyze.add_argument(
         "--output", help="the output whose distribution is compared (default: label, else the first)"
@@ -174,11 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ramp.add_argument("--max-step-s", type=float, metavar="S", help="seconds a step may wait for requests")
     ramp.add_argument("--insufficient", choices=("rollback", "fail"), help="too few requests: what then")
     ramp.add_argument("--poke-s", type=float, metavar="S", help="how often the ramp is looked at")
-    ramp.add_argument("--alpha", type=float, help="significance of the error-rate test")
-    ramp.add_argument("--error-margin", type=float, help="error-rate increase that fails")
-    ramp.add_argument("--p95-ratio-max", type=float, help="canary/stable p95 latency at most")
-    ramp.add_argument("--p95-margin-ms", type=float, help="and the canary at most this much slower (ms)")
-    ramp.add_argument("--js-max", type=float, help="prediction distributions' distance at most")
+    for flag, kind, what in _THRESHOLDS:
+        ramp.add_argument(flag, type=kind, help=what)
     begin.set_defaults(handler=_deploy_begin)
     advance = deploy_commands.add_parser(
         "advance", help="one look at the canary ramp: wait, move to the next share, or decide"
@@ -248,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
     return parser
+
+
+# The canary analysis's thresholds, as flags of `serve analyze` and of `deploy begin` (a run's own).
+_THRESHOLDS: tuple[tuple[str, type, str], ...] = (
+    ("--alpha", float, "significance of the error-rate test"),
+    ("--error-margin", float, "error-rate increase that fails"),
+    ("--p95-ratio-max", float, "canary/stable p95 latency at most"),
+    ("--p95-margin-ms", float, "and the canary at most this much slower (ms)"),
+    ("--js-max", float, "prediction distributions' distance at most"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def _number(what: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
@@ -446,7 +450,7 @@ def _deploy_begin(settings: Settings, args: argparse.Namespace) -> tuple[Any, in
             "insufficient",
             "poke_s",
         ),
-        "thresholds": ("alpha", "error_margin", "p95_ratio_max", "p95_margin_ms", "js_max"),
+        "thresholds": tuple(_dest(flag) for flag, _, _ in _THRESHOLDS),
     }
     overrides = {
         section: {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
