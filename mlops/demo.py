@@ -77,11 +77,12 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     )
 
     target = get_deployment_target(settings.deployment_target, settings)
-    stable = _serving_stable(target) or first
+    serving_now = _serving_stable(target)  # a demo run before this one left its champion serving
+    stable = serving_now or first
     progress(
         f"[3/{STEPS}] version {stable} from the registry as stable (champion), at {settings.serving_url}"
     )
-    if _serving_stable(target) is None:
+    if serving_now is None:
         target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
         _mlflow(
             settings.mlflow_url,
