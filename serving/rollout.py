@@ -140,7 +140,13 @@ def begin(
     registry.tag(
         model, version, {ROLLOUT_TAG: "in_progress", "rollout.run": run_id, "rollout.started_at": started}
     )
-    return {"action": "deploy", "model": model, "version": version, "record": record}
+    return {
+        "action": "deploy",
+        "model": model,
+        "version": version,
+        "record": record,
+        "links": _links(registry, record),
+    }
 
 
 def advance(settings: Settings, model: str, run_id: str, target_url: str | None = None) -> Step:

@@ -167,6 +167,7 @@ def test_two_runs_never_roll_out_one_model_at_once(world):
     approve(world, v["later"])
     first = deploy(world, "begin", MODEL, "--run-id", "run-a")
     assert first.code == 0 and first.json["action"] == "deploy"
+    assert first.json["links"]["version"].endswith(f"/#/models/{MODEL}/versions/{v['later']}")
     twice = deploy(world, "begin", MODEL, "--run-id", "run-b")  # the same approval seen again
     assert twice.code == 0 and twice.json["action"] == "skip"
     assert "being rolled out by run run-a" in twice.json["reason"]
