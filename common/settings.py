@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -162,6 +162,16 @@ class DeploySettings(_Section):
     reports_experiment: str = Field("mlops-rollouts", description="MLflow experiment of the canary reports")
 
 
+class MonitorSettings(_Section):
+    """Monitoring: which detectors decide, and where the reports go (per-model thresholds: the models file)."""
+
+    backend: Literal["scipy", "alibi"] = Field(
+        "scipy",
+        description="drift/outlier detectors: scipy (permissive licence) or alibi (alibi-detect, BSL 1.1)",
+    )
+    experiment: str = Field("mlops-monitoring", description="MLflow experiment of the monitoring reports")
+
+
 class KServeSettings(_Section):
     """The Kubernetes target (kserve://<namespace>): how InferenceServices are built."""
 
@@ -196,6 +206,7 @@ class Settings(BaseSettings):
     kserve: KServeSettings = KServeSettings()
     logs: LogsSettings = LogsSettings()
     deploy: DeploySettings = DeploySettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -232,6 +232,48 @@ def build_parser() -> argparse.ArgumentParser:
     assets.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     assets.set_defaults(handler=_logs_assets)
 
+    profile = commands.add_parser(
+        "profile",
+        help="build a registered version's reference profile from its training data, store it in MLflow",
+    )
+    profile.add_argument("model")
+    profile.add_argument("--version", required=True, help="the registry version")
+    profile.add_argument(
+        "--data", required=True, type=Path, metavar="FILE", help=".csv, .parquet, .jsonl or .json"
+    )
+    profile.add_argument("--label", metavar="COLUMN", help="the label column (left out of the features)")
+    profile.add_argument(
+        "--features", type=_names, metavar="A,B", help="the columns to profile (default: all others)"
+    )
+    profile.add_argument(
+        "--categorical", type=_names, default=[], metavar="A,B", help="numeric columns to treat as categories"
+    )
+    profile.set_defaults(handler=_profile)
+
+    monitor = commands.add_parser(
+        "monitor", help="the monitor DAG's step: check a window of the inference log"
+    )
+    monitor_commands = monitor.add_subparsers(dest="monitor_command", required=True, parser_class=_Parser)
+    check = monitor_commands.add_parser(
+        "run", help="one window: quality, skew, drift, outliers, performance; decide, report, summarise"
+    )
+    check.add_argument("model")
+    check.add_argument(
+        "--end", metavar="WHEN", help="the window's end: an ISO time, or 10m ago (default: now)"
+    )
+    overrides = check.add_argument_group(
+        "the run's changes to the model's monitor settings (the models file)"
+    )
+    for flag, kind, what in _MONITOR_FLAGS:
+        overrides.add_argument(flag, type=kind, help=what)
+    check.add_argument(
+        "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
+    )
+    check.set_defaults(handler=_monitor_run)
+    config = monitor_commands.add_parser("config", help="a model's monitor settings, as the files make them")
+    config.add_argument("model", nargs="?", help="default: the defaults, and the models the DAG checks")
+    config.set_defaults(handler=_monitor_config)
+
     demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
     demo.add_argument(
         "--ttl-s", type=_positive_float, metavar="SECONDS", help="stop the stack by itself after this long"
@@ -248,6 +290,24 @@ _THRESHOLDS: tuple[tuple[str, type, str], ...] = (
     ("--p95-margin-ms", float, "and the canary at most this much slower (ms)"),
     ("--js-max", float, "prediction distributions' distance at most"),
 )
+
+
+# The monitor settings a run may change (`monitor run`, and the monitor DAG's form).
+_MONITOR_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--window", str, "how far back from --end: 30m, 1h, 2d"),
+    ("--min-events", int, "a version's events a decision needs"),
+    ("--alpha", float, "significance per family of tests"),
+    ("--wasserstein-min", float, "a numeric feature's effect that trips (reference SDs)"),
+    ("--js-min", float, "a categorical feature's or the predictions' JS distance that trips"),
+    ("--mmd-min", float, "the multivariate test's MMD² that trips"),
+    ("--outlier-rate-max", float, "share of outlying rows that trips"),
+    ("--accuracy-drop-max", float, "accuracy drop that trips"),
+    ("--cooldown", str, "no second trigger for this long after one: 6h"),
+)
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _dest(flag: str) -> str:
@@ -560,6 +620,53 @@ def _logs_assets(settings: Settings, args: argparse.Namespace) -> tuple[Any, int
         path.write_text(text)
         written.append(str(path))
     return {"written": written}, 0
+
+
+def _profile(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    import tempfile
+
+    from monitoring.profile import build_profile, read_table, store_profile
+
+    data = read_table(args.data)
+    _progress(f"profiling {len(data)} rows of '{args.data}' for {args.model} version {args.version}")
+    profile = build_profile(
+        args.model, args.version, data, args.label, args.features, args.categorical, source=str(args.data)
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        stored = store_profile(profile, settings.mlflow_url, settings.monitor.experiment, Path(folder))
+    return {
+        "model": args.model,
+        "version": args.version,
+        "rows": profile.rows,
+        "features": {f.name: f.kind for f in profile.features},
+        "expectations": len(profile.suite["expectations"]),
+        "profile": stored,
+    }, 0
+
+
+def _monitor_run(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.events import now_ms
+    from monitoring.logs import parse_time
+    from monitoring.monitor import monitor_window
+
+    if args.store:
+        settings = settings.model_copy(
+            update={"logs": settings.logs.model_copy(update={"store": args.store})}
+        )
+    now = now_ms()
+    end = parse_time(args.end, now, "--end") if args.end else now
+    overrides = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in _MONITOR_FLAGS}
+    return monitor_window(settings, args.model, end, overrides, _progress), 0
+
+
+def _monitor_config(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from monitoring.checks import load_monitor_config, monitored_models
+
+    path = settings.deploy.models_file
+    result = {"file": str(path), "settings": load_monitor_config(path, args.model).to_dict()}
+    if args.model is None:
+        result["models"] = monitored_models(path)
+    return result, 0
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

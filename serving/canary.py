@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from monitoring.events import InferenceEvent
+from monitoring.statistics import jensen_shannon
 
 Outcome = Literal["pass", "fail", "insufficient"]
 
@@ -207,10 +208,3 @@ def _predictions(stable: RoleFigures, canary: RoleFigures, t: Thresholds) -> Che
         f"prediction distributions {distance:.3f} apart (Jensen-Shannon distance, base 2; at most {t.js_max})"
     )
     return Check("predictions", distance, t.js_max, distance <= t.js_max, detail)
-
-
-def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
-    """The Jensen-Shannon distance (base 2) between two histograms over the same keys."""
-    from scipy.spatial.distance import jensenshannon
-
-    return float(jensenshannon(p, q, base=2))

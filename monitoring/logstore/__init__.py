@@ -17,7 +17,7 @@ Backends are imported when a store is built, so importing this package stays che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
@@ -112,6 +112,15 @@ class LogStore(Protocol):
 
     def models(self) -> list[str]:
         """The models that have events."""
+        ...
+
+    def write_window(self, summary: Mapping[str, Any]) -> None:
+        """Store a monitoring window's summary under its ``id`` (a re-run of the window replaces
+        it): what dashboards read, and what the next windows compare with."""
+        ...
+
+    def windows(self, model: str, before_ms: int, limit: int) -> list[dict[str, Any]]:
+        """The model's last ``limit`` window summaries that end at or before ``before_ms``, oldest first."""
         ...
 
     def latest(self, model: str | None, limit: int) -> list[InferenceEvent]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -47,6 +47,41 @@ def events_index(prefix: str, ts_ms: int) -> str:
 
 def feedback_index(prefix: str) -> str:
     return f"{prefix}-feedback"
+
+
+def windows_index(prefix: str) -> str:
+    return f"{prefix}-monitoring"
+
+
+def windows_template(prefix: str) -> dict[str, Any]:
+    """Monitoring's window summaries: the fields dashboards filter and plot on are mapped; the
+    histograms and checks stay in _source."""
+    keyword = {"type": "keyword"}
+    return {
+        "index_patterns": [windows_index(prefix)],
+        "priority": 200,
+        "template": {
+            "settings": {"number_of_shards": 1, "number_of_replicas": 1},
+            "mappings": {
+                "dynamic": False,
+                "properties": {
+                    "id": keyword,
+                    "model": keyword,
+                    "version": keyword,
+                    "decision": keyword,
+                    "tripped": keyword,
+                    "emitted": {"type": "boolean"},
+                    "start_ms": {"type": "date", "format": "epoch_millis"},
+                    "end_ms": {"type": "date", "format": "epoch_millis"},
+                    "events": {"type": "long"},
+                    "outlier_rate": {"type": "float"},
+                    "accuracy": {"type": "float"},
+                    "max_effect": {"type": "float"},
+                    "report": keyword,
+                },
+            },
+        },
+    }
 
 
 def event_mappings() -> dict[str, Any]:
@@ -346,6 +381,7 @@ class SearchLogStore:
             settings["index.lifecycle.name"] = policy
         self.client.put_template(f"{self.prefix}-events", index_template(self.prefix, settings))
         self.client.put_template(f"{self.prefix}-feedback", feedback_template(self.prefix))
+        self.client.put_template(f"{self.prefix}-monitoring", windows_template(self.prefix))
         self._ready = True
 
     # --- writes ------------------------------------------------------------------------------
@@ -443,6 +479,32 @@ class SearchLogStore:
         }
         response = self.client.search(events_pattern(self.prefix), body)
         return {b["key"] for b in (response.get("aggregations") or {}).get("ids", {}).get("buckets", [])}
+
+    def write_window(self, summary: Mapping[str, Any]) -> None:
+        self._ensure_setup()
+        ops = [{"index": {"_index": windows_index(self.prefix), "_id": str(summary["id"])}}, dict(summary)]
+        for item in self.client.bulk(ops).get("items", []):
+            result = next(iter(item.values()), {})
+            status = result.get("status", 500)
+            if status == 429 or status >= 500:
+                raise BackendUnavailable(f"{self.client.flavour}: the window summary was refused for now")
+            if status >= 300:
+                reason = (result.get("error") or {}).get("reason", f"status {status}")
+                raise BackendRefused(f"{self.client.flavour}: the window summary was refused: {reason}")
+        self.client.refresh(windows_index(self.prefix))
+
+    def windows(self, model: str, before_ms: int, limit: int) -> list[dict[str, Any]]:
+        if not self.client.indices(windows_index(self.prefix) + "*"):  # none yet (a name alone: 404)
+            return []
+        body = {
+            "query": {
+                "bool": {"filter": [{"term": {"model": model}}, {"range": {"end_ms": {"lte": before_ms}}}]}
+            },
+            "sort": [{"end_ms": "desc"}, {"id": "asc"}],
+            "size": limit,
+        }
+        hits = self.client.search(windows_index(self.prefix), body)["hits"]["hits"]
+        return [hit["_source"] for hit in hits][::-1]
 
     def refresh(self) -> None:
         """Make what was written visible to searches now (else within the refresh interval)."""

@@ -29,7 +29,7 @@ import operator
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -98,6 +98,9 @@ _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events (event_id, ts_ms, model, version, role, request_id, body)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_WINDOWS = """CREATE TABLE IF NOT EXISTS monitor_windows (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, end_ms INTEGER NOT NULL, doc BLOB NOT NULL
+)"""
 # What the store is away for (retry later); any other SQLite error is a refusal.
 _AWAY = ("locked", "busy", "disk i/o error", "unable to open", "disk is full", "readonly database")
 
@@ -406,6 +409,30 @@ class SqliteLogStore:
             db.execute("DELETE FROM events WHERE ts_ms < ?", [older_than_ms])
             db.execute("DELETE FROM feedback WHERE ts_ms < ?", [older_than_ms])
         return gone
+
+    def write_window(self, summary: Mapping[str, Any]) -> None:
+        self._windows_table()
+        row = (str(summary["id"]), str(summary["model"]), int(summary["end_ms"]), orjson.dumps(summary))
+        with self._transaction("window summary write") as db:
+            db.execute(
+                "INSERT OR REPLACE INTO monitor_windows (id, model, end_ms, doc) VALUES (?, ?, ?, ?)", row
+            )
+
+    def windows(self, model: str, before_ms: int, limit: int) -> list[dict[str, Any]]:
+        self._windows_table()
+        sql = (
+            "SELECT doc FROM monitor_windows WHERE model = ? AND end_ms <= ? ORDER BY end_ms DESC, id LIMIT ?"
+        )
+        return [orjson.loads(doc) for (doc,) in self._read(sql, [model, before_ms, limit])][::-1]
+
+    def _windows_table(self) -> None:
+        """Monitoring's window summaries: a table added to any file of this layout when first used."""
+        if getattr(self._local, "windows", False):
+            return
+        with self._transaction("creating the window summaries' table") as db:
+            db.execute(_WINDOWS)
+            db.execute("CREATE INDEX IF NOT EXISTS monitor_windows_end ON monitor_windows (model, end_ms)")
+        self._local.windows = True
 
     def refresh(self) -> None:
         """Nothing to do: a committed write is visible to every reader at once."""

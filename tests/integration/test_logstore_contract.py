@@ -384,3 +384,19 @@ def test_a_window_of_many_small_batches_reads_whole_across_pages(store):
         "req-0",
         f"req-{count - 1}",
     }
+
+
+def test_window_summaries_replace_by_id_and_read_back_oldest_first(store):
+    def summary(end: int, decision: str = "ok", model: str = "fraud") -> dict:
+        return {"id": f"{model}:1:{end - 10}:{end}", "model": model, "version": "1", "start_ms": end - 10,
+                "end_ms": end, "decision": decision, "histograms": {"amount": [1, 2, 3]}, "emitted": False}  # fmt: skip
+
+    assert store.windows("fraud", T0 + 100, 10) == []
+    for end in (T0 + 10, T0 + 20, T0 + 30):
+        store.write_window(summary(end))
+    store.write_window(summary(T0 + 20, "tripped"))  # a re-run of the same window replaces it
+    store.write_window(summary(T0 + 20, model="other"))
+    found = store.windows("fraud", T0 + 30, 10)
+    assert [w["end_ms"] for w in found] == [T0 + 10, T0 + 20, T0 + 30]
+    assert found[1]["decision"] == "tripped" and found[1]["histograms"] == {"amount": [1, 2, 3]}
+    assert [w["end_ms"] for w in store.windows("fraud", T0 + 25, 1)] == [T0 + 20]

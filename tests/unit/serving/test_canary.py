@@ -10,7 +10,8 @@ import pytest
 
 from monitoring.events import InferenceEvent
 from monitoring.logstore import get_log_store
-from serving.canary import Thresholds, analyze, jensen_shannon
+from monitoring.statistics import jensen_shannon
+from serving.canary import Thresholds, analyze
 from tests.helpers import mlops_env, run_mlops
 
 T0 = 1_790_000_000_000
