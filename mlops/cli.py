@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model")
     check.add_argument(
-        "--end", metavar="WHEN", help="the window's end: an ISO time, or 10m ago (default: now)"
+        "--end", metavar="WHEN", help="the window's end: an ISO time, or 10m (that long ago; default: now)"
     )
     overrides = check.add_argument_group(
         "the run's changes to the model's monitor settings (the models file)"

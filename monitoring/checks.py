@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,17 +74,16 @@ class MonitorConfig:
         return dataclasses.asdict(self)
 
 
-_UNITS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
 def parse_duration(text: str | int | float, what: str) -> int:
     """``30m``, ``1h``, ``2d`` or a number of seconds, as milliseconds."""
+    from monitoring.logs import duration_ms
+
     if isinstance(text, int | float) and not isinstance(text, bool):
         return int(text * 1000)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
-    if not match:
+    found = duration_ms(str(text))
+    if found is None:
         raise ConfigError(f"monitor {what}: expected a duration like 30m, 1h or 2d, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    return found
 
 
 def load_monitor_config(

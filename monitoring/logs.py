@@ -21,11 +21,17 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
+def duration_ms(text: str) -> int | None:
+    """``1h``, ``30m``, ``2d``, ``500ms`` as milliseconds; None if it is not one."""
+    match = _DURATION.match(text.strip())
+    return int(float(match.group(1)) * _UNIT_MS[match.group(2)]) if match else None
+
+
 def parse_time(text: str, now: int, flag: str) -> int:
     """``1h``/``30m``/``2d`` ago, or an ISO 8601 time (UTC unless it says otherwise), as epoch ms."""
     text = text.strip()
-    if match := _DURATION.match(text):
-        return now - int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    if (ago := duration_ms(text)) is not None:
+        return now - ago
     try:
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

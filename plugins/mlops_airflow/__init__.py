@@ -4,7 +4,7 @@ Nothing here imports the ML runtime (torch, kserve, onnxruntime, ...): that live
 environment (or image) and is reached only through the `mlops` command line.
 """
 
-from mlops_airflow.operators import MlopsOperator, MlopsSensor
+from mlops_airflow.operators import MlopsOperator, MlopsReportOperator, MlopsSensor
 from mlops_airflow.runtime import MlopsRuntimeHook, RuntimeConfig
 
-__all__ = ["MlopsOperator", "MlopsRuntimeHook", "MlopsSensor", "RuntimeConfig"]
+__all__ = ["MlopsOperator", "MlopsReportOperator", "MlopsRuntimeHook", "MlopsSensor", "RuntimeConfig"]

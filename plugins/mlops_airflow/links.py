@@ -1,5 +1,5 @@
-"""The task's buttons in the Airflow UI: the canary report, the MLflow version page, the model
-server's metrics.
+"""The task's buttons in the Airflow UI: the report (a rollout's canary report, a window's
+monitoring report), the MLflow version page, the model server's metrics.
 
 An ``mlops`` command names its links in its JSON result (``"links": {"report": url, ...}``); the
 operator stores each under its link's XCom key while the task runs, which is where Airflow 3's
@@ -36,7 +36,7 @@ class MlopsLink(BaseOperatorLink):
 
 
 LINKS = (
-    MlopsLink("Canary report", "report"),
+    MlopsLink("Report", "report"),  # the canary report, or the monitoring report
     MlopsLink("MLflow model version", "version"),
     MlopsLink("Model server metrics", "metrics"),
 )

@@ -182,6 +182,13 @@ class MlopsOperator(_RunsMlops, BaseOperator):
         return self.run_command(context)
 
 
+class MlopsReportOperator(MlopsOperator):
+    """An MlopsOperator whose buttons are always shown: the links are the class's, so they hold for
+    a mapped task too (``.partial(...).expand(arguments=...)``, which never calls ``__init__`` at parse)."""
+
+    operator_extra_links = LINKS
+
+
 class MlopsSensor(_RunsMlops, BaseSensorOperator):
     """Run ``mlops <arguments>`` at each poke until its JSON result says ``done``.
 

@@ -64,6 +64,6 @@ def test_deploy_model_waits_without_holding_a_worker_and_undoes_any_failure(dagb
     assert {t.task_id for t in abort.upstream_list} == {"verify", "ramp", "finish"}
     assert [t.task_id for t in dag.get_task("verify").upstream_list] == ["go"]
     assert {link.name for link in dag.get_task("finish").operator_extra_links} >= {
-        "Canary report",
+        "Report",
         "MLflow model version",
     }

@@ -1,0 +1,174 @@
+"""The monitor_model DAG, run with dag.test() against a live MLflow server and a live log store (the
+embedded one, written through its own interface): a window without a shift decides nothing; a
+shifted one trips, names the feature and raises the asset event with its reason; a window below
+the minimum decides nothing and says so; a trip inside the cooldown raises no second event. The
+version was registered without a profile: `mlops profile` makes it first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from airflow.utils.state import DagRunState
+
+from tests.orchestration.conftest import PROJECT_ROOT, RUNTIME_PYTHON, clean_env, runtime_connection
+
+MODEL = "dag-monitored"
+T0 = 1_793_577_600_000  # 2026-11-01T00:00Z: fixed windows, in the past
+MINUTE = 60_000
+POLICY = f"""
+models:
+  {MODEL}:
+    monitor: {{window: 10m, min_events: 500, cooldown: 6h}}
+"""
+REGISTER = """
+import sys
+import mlflow
+from serving.examples import fraud_transformer, log_mlp
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run():
+    version = log_mlp(sys.argv[2], seed=1, transformer=fraud_transformer())
+print(version)
+"""
+# Windows of ten minutes from T0: clean, age_days shifted by half a standard deviation, too few
+# events, shifted again (inside the cooldown of the second).
+WRITE = """
+import sys
+import numpy as np
+import pandas as pd
+from monitoring.events import InferenceEvent
+from monitoring.logstore import get_log_store
+
+store_url, model, version, t0, data = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+rng = np.random.default_rng(7)
+n = 5000
+pd.DataFrame({"amount": rng.lognormal(3.5, 1.0, n), "age_days": rng.normal(400, 300, n),
+              "country": rng.choice(["DE", "FR", "US"], n)}).to_csv(data, index=False)
+store = get_log_store(store_url)
+for number, (rows, shift) in enumerate([(1000, 0.0), (1000, 150.0), (100, 0.0), (1000, 150.0)]):
+    start = t0 + number * 600_000
+    events = [
+        InferenceEvent(f"w{number}-{i}", start + i * 500, model, version, "stable", f"r{number}-{i}", 0,
+                       {"amount": float(rng.lognormal(3.5, 1.0)), "age_days": float(rng.normal(400, 300) + shift),
+                        "country": str(rng.choice(["DE", "FR", "US"]))},
+                       {"label": "legit", "probabilities": {"legit": 0.9, "fraud": 0.1}}, 1.0)
+        for i in range(rows)
+    ]
+    store.write(events)
+print("written")
+"""
+
+
+def iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
+
+
+@pytest.fixture(scope="module")
+def world(mlflow_registry, airflow_db, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("monitor-dag")
+    models_file = tmp / "models.yaml"
+    models_file.write_text(POLICY)
+    settings = {
+        "MLOPS_STATE_DIR": str(tmp / "state"),
+        "MLOPS_MLFLOW__URL": mlflow_registry.url,
+        "MLOPS_LOGS__STORE": f"sqlite:///{tmp / 'inference.db'}",
+        "MLOPS_DEPLOY__MODELS_FILE": str(models_file),
+    }
+
+    def runtime(*argv: str, timeout: int = 300) -> str:
+        done = subprocess.run(
+            [str(RUNTIME_PYTHON), *argv], capture_output=True, text=True, env=clean_env(**settings),
+            cwd=PROJECT_ROOT, timeout=timeout,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    version = runtime("-c", REGISTER, mlflow_registry.url, MODEL)
+    data = tmp / "training.csv"
+    runtime("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, version, str(T0), str(data))
+    return {"registry": mlflow_registry, "version": version, "settings": settings, "runtime": runtime, "data": data}
+
+
+@pytest.fixture(scope="module")
+def profiled(world):
+    """`mlops profile` on a version registered without one: it is stored and linked from the version."""
+    assert "monitoring.profile" not in world["registry"].tags(MODEL, world["version"])
+    made = json.loads(world["runtime"]("-m", "mlops", "profile", MODEL, "--version", world["version"], "--data", str(world["data"])))
+    assert made["features"] == {"amount": "numeric", "age_days": "numeric", "country": "categorical"}
+    assert made["rows"] == 5000 and made["expectations"] == 9  # per feature: exists, nulls, range or domain
+    tag = world["registry"].tags(MODEL, world["version"])["monitoring.profile"]
+    assert tag == made["profile"]["uri"] and tag.endswith("/monitoring-profile")
+    return made
+
+
+@pytest.fixture
+def monitor_dag(world, profiled, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=world["settings"]))
+    monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", world["settings"]["MLOPS_DEPLOY__MODELS_FILE"])
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["monitor_model"]
+
+
+def window(monitor_dag, number: int) -> tuple[dict, dict]:
+    """Run the DAG for window ``number`` (its end); the check's result and the trigger's."""
+    run = monitor_dag.test(run_conf={"model": MODEL, "end": iso(T0 + (number + 1) * 10 * MINUTE)})
+    assert run.state == DagRunState.SUCCESS
+    check = run.get_task_instance("check", map_index=0).xcom_pull(task_ids="check", map_indexes=0)
+    trigger = run.get_task_instance("trigger").xcom_pull(task_ids="trigger")
+    return check, trigger
+
+
+def drift_events() -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(AssetEvent.extra).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetModel.uri == f"mlops://models/{MODEL}/drift")
+        ).all()  # fmt: skip
+        return [row[0] for row in rows]
+
+
+def test_windows_in_order_ok_tripped_insufficient_and_cooled_down(world, monitor_dag):
+    clean, trigger = window(monitor_dag, 0)
+    assert clean["decision"] == "ok" and clean["events"] == 1000, clean["reason"]
+    assert trigger["raised"] == [] and drift_events() == []
+
+    shifted, trigger = window(monitor_dag, 1)
+    assert shifted["decision"] == "tripped"
+    assert "skew:age_days" in shifted["tripped"] and "drift:age_days" in shifted["tripped"]
+    assert "skew:amount" not in shifted["tripped"] and "'age_days' drifted from training" in shifted["reason"]
+    assert shifted["emit"] and trigger["raised"] == [f"mlops://models/{MODEL}/drift"]
+    [extra] = drift_events()
+    assert extra["versions"] == [world["version"]] and "skew:age_days" in extra["tripped"]
+    assert extra["window"]["end"] == shifted["window"]["end"] and extra["report"] == shifted["links"]["report"]
+
+    few, trigger = window(monitor_dag, 2)
+    assert few["decision"] == "insufficient" and "100 events, fewer than the 500" in few["reason"]
+    assert trigger["raised"] == []
+
+    again, trigger = window(monitor_dag, 3)
+    assert again["decision"] == "tripped" and not again["emit"]
+    assert again["cooldown"]["since"] == shifted["window"]["end"].replace("+00:00", "Z")
+    assert trigger["raised"] == [] and len(drift_events()) == 1  # one incident, one trigger
+
+
+def test_the_report_is_logged_where_the_version_links_to_it(world, monitor_dag):
+    import httpx
+
+    shifted, _ = window(monitor_dag, 1)  # a re-run of the same window: the same answer
+    assert shifted["decision"] == "tripped" and "skew:age_days" in shifted["tripped"]
+    tags = world["registry"].tags(MODEL, world["version"])
+    assert tags["monitoring.report"] == shifted["links"]["report"]
+    page = httpx.get(shifted["links"]["report"], timeout=30)
+    assert page.status_code == 200 and "age_days" in page.text
+    assert page.text.count("<img") >= 4  # three features, the outlier scores (and the past windows)
+    assert "drifted from training" in page.text
