@@ -67,7 +67,12 @@ SETTINGS = (
     ("min_events", "min-events", "integer", "a version's events a decision needs"),
     ("alpha", "alpha", "number", "significance per family of tests (Bonferroni across features)"),
     ("wasserstein_min", "wasserstein-min", "number", "a numeric feature's effect that trips (reference SDs)"),
-    ("js_min", "js-min", "number", "a categorical feature's or the predictions' Jensen-Shannon distance that trips"),
+    (
+        "js_min",
+        "js-min",
+        "number",
+        "a categorical feature's or the predictions' Jensen-Shannon distance that trips",
+    ),
     ("mmd_min", "mmd-min", "number", "the multivariate test's MMD² that trips"),
     ("outlier_rate_max", "outlier-rate-max", "number", "share of outlying rows that trips"),
     ("accuracy_drop_max", "accuracy-drop-max", "number", "accuracy drop that trips"),

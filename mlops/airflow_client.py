@@ -99,9 +99,22 @@ class AirflowClient:
         body = self._call("GET", f"/api/v2/dags/{run.dag_id}/dagRuns/{run.run_id}/taskInstances").json()
         return {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
 
-    def xcom(self, run: DagRun, task_id: str, key: str = "return_value") -> Any:
+    def xcom(self, run: DagRun, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
         path = f"/api/v2/dags/{run.dag_id}/dagRuns/{run.run_id}/taskInstances/{task_id}/xcomEntries/{key}"
-        return self._call("GET", path, params={"deserialize": True}).json()["value"]
+        params: dict[str, Any] = {"deserialize": True, "map_index": map_index}
+        return self._call("GET", path, params=params).json()["value"]
+
+    def asset_events(self, uri: str, limit: int = 10) -> tuple[str | None, list[dict[str, Any]]]:
+        """The asset's page in the Airflow UI, and its newest events (None, [] if it has none yet)."""
+        assets = self._call("GET", "/api/v2/assets", params={"uri_pattern": uri, "limit": 100}).json()[
+            "assets"
+        ]
+        found = next((a for a in assets if a["uri"] == uri), None)
+        if found is None:
+            return None, []
+        params = {"asset_id": found["id"], "order_by": "-timestamp", "limit": limit}
+        events = self._call("GET", "/api/v2/assets/events", params=params).json()["asset_events"]
+        return f"{self.url}/assets/{found['id']}", events
 
     def _run(self, body: dict[str, Any]) -> DagRun:
         return DagRun(

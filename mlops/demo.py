@@ -14,9 +14,14 @@ Today that is:
    no request of the application failed;
 6. every one of those predictions found in the inference log, and labels sent later joined to
    their predictions;
-7. one DAG run through Airflow reaching the runtime environment through the mlops operator
+7. monitoring: each version was profiled from its training data when it was registered; the
+   application sends a clean stretch of traffic, then one with `age_days` shifted by half a
+   standard deviation; the `monitor_model` DAG checks each stretch as a window: the clean one
+   passes, the shifted one trips, names the feature, links its report from the MLflow version and
+   raises the asset event `mlops://models/demo-fraud/drift` (seen in the Airflow UI's assets);
+8. one DAG run through Airflow reaching the runtime environment through the mlops operator
    (`check_runtime`: GPU, ONNX Runtime providers, the MLflow registry).
-Each later part of the loop (the monitor and retrain DAGs) adds its step.
+The retrain DAG, when it lands, adds its step.
 """
 
 from __future__ import annotations
@@ -39,8 +44,11 @@ from mlops.stack.services import airflow_password
 
 CHECK_DAG = "check_runtime"
 DEPLOY_DAG = "deploy_model"
+MONITOR_DAG = "monitor_model"
 DEMO_MODEL = "demo-fraud"
-STEPS = 7
+STEPS = 8
+WINDOW_ROWS = 1000  # rows of traffic in each monitored stretch
+SHIFT_DAYS = 220.0  # half the standard deviation of age_days (uniform on 0..1500: 433)
 ROLLOUT_TIMEOUT_S = 600.0
 
 
@@ -55,6 +63,7 @@ class DemoResult:
     serving: dict[str, Any]
     rollouts: dict[str, Any]
     inference_log: dict[str, Any]
+    monitoring: dict[str, Any]
     check_runtime: dict[str, Any]
     stack_started: list[str]
 
@@ -126,7 +135,15 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         f"    {logged['events']} events by version {logged['by_version']}; labels joined: {logged['labelled']}"
     )
 
-    progress(f"[7/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
+    stable_now = _serving_stable(target) or stable
+    progress(
+        f"[7/{STEPS}] monitoring version {stable_now}: a clean stretch of traffic, then one with age_days"
+        f" shifted by {SHIFT_DAYS:.0f} days; {MONITOR_DAG} checks each as a window"
+    )
+    with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
+        monitoring = monitor_demo(settings, airflow, stable_now, progress)
+
+    progress(f"[8/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
     with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
         airflow.wait_for_dag(CHECK_DAG)
         airflow.unpause(CHECK_DAG)
@@ -151,6 +168,7 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         },
         rollouts=rollouts,
         inference_log=logged,
+        monitoring=monitoring,
         check_runtime={"run": run.url, "state": run.state, "tasks": tasks, "result": report},
         stack_started=status.started,
     )
@@ -267,8 +285,125 @@ def _mlflow(url: str, method: str, path: str, **body: Any) -> dict[str, Any]:
     return response.json()
 
 
+def monitor_demo(
+    settings: Settings, airflow: AirflowClient, version: str, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Two stretches of traffic, clean then shifted, each checked by a monitor_model run as its window."""
+    from monitoring.monitor import drift_asset
+
+    _profile(settings.mlflow_url, DEMO_MODEL, version)  # a champion from before profiles: made now
+    airflow.wait_for_dag(MONITOR_DAG)
+    airflow.unpause(MONITOR_DAG)
+    stretches = {}
+    for name, shift in (("clean", 0.0), ("shifted", SHIFT_DAYS)):
+        start = time.time_ns() // 1_000_000
+        rows = example_rows(WINDOW_ROWS, seed=11 if shift else 10)
+        for row in rows:
+            row["age_days"] += shift
+        for first in range(0, len(rows), 50):
+            predict(settings.serving_url, DEMO_MODEL, rows[first : first + 50])
+        end = time.time_ns() // 1_000_000 + 1
+        _wait_logged(settings, start, end, len(rows))
+        stretches[name] = (start, end)
+    results = {}
+    for name, (start, end) in stretches.items():
+        conf = {
+            "model": DEMO_MODEL,
+            "end": _iso(end),
+            "window": f"{(end - start) / 1000:.3f}s",
+            "cooldown": "0s",
+        }
+        run = airflow.wait_for_run(airflow.trigger(MONITOR_DAG, conf), progress=progress)
+        if run.state != "success":
+            raise MLOpsError(f"DAG run {run.url} ended {run.state} (tasks: {airflow.task_states(run)})")
+        checked = airflow.xcom(run, "check", map_index=0)
+        raised = airflow.xcom(run, "trigger")["raised"]
+        results[name] = {
+            "run": run.url,
+            "decision": checked["decision"],
+            "reason": checked["reason"],
+            "tripped": checked["tripped"],
+            "report": checked["links"]["report"],
+            "raised": raised,
+        }
+        progress(f"    {name} window: {checked['decision']}: {checked['reason'][:300]}")
+        progress(f"    report: {checked['links']['report']}")
+    clean, shifted = results["clean"], results["shifted"]
+    if clean["decision"] != "ok" or clean["raised"]:
+        raise MLOpsError(f"the clean window was not passed: {clean['decision']}: {clean['reason']}")
+    if "skew:age_days" not in shifted["tripped"] or not shifted["raised"]:
+        raise MLOpsError(
+            f"the shifted window did not trip on age_days: {shifted['decision']}: {shifted['reason']}"
+        )
+    deadline = time.monotonic() + 30  # the event is the trigger task's; the API may show it a moment later
+    while True:
+        page, events = airflow.asset_events(drift_asset(DEMO_MODEL))
+        if [
+            e for e in events if (e.get("extra") or {}).get("report") == shifted["report"]
+        ] or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    events = [e for e in events if (e.get("extra") or {}).get("report") == shifted["report"]]
+    if not events:
+        raise MLOpsError(f"no event on {drift_asset(DEMO_MODEL)} after the shifted window tripped")
+    extra = events[0].get("extra") or {}
+    progress(
+        f"    asset event on {drift_asset(DEMO_MODEL)}: {extra.get('tripped')}; in the Airflow UI: {page}"
+    )
+    tags = _mlflow(settings.mlflow_url, "GET", f"model-versions/get?name={DEMO_MODEL}&version={version}")
+    linked = {t["key"]: t["value"] for t in tags["model_version"].get("tags", [])}.get("monitoring.report")
+    return {
+        "version": version,
+        "windows": results,
+        "asset": drift_asset(DEMO_MODEL),
+        "asset_page": page,
+        "asset_event": extra,
+        "version_report": linked,
+    }
+
+
+def _iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _wait_logged(settings: Settings, start: int, end: int, expected: int) -> None:
+    from monitoring.logstore import get_log_store
+
+    store = get_log_store(settings.log_store_url, **settings.log_store_options())
+    deadline = time.monotonic() + 60
+    while True:
+        store.refresh()
+        found = store.count(DEMO_MODEL, start, end)
+        if found >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise MLOpsError(
+                f"the inference log holds {found} of the {expected} events of a window after 60 s"
+            )
+        time.sleep(0.5)
+
+
+def _profile(tracking_uri: str, name: str, version: str) -> None:
+    """The version's reference profile from the examples' training data (as `mlops profile` makes it)."""
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from common.settings import MonitorSettings
+    from monitoring.profile import build_profile, store_profile
+
+    data = pd.DataFrame(example_rows(5000, seed=1))
+    profile = build_profile(name, version, data, source="the demo's training rows (example_rows, seed 1)")
+    with tempfile.TemporaryDirectory() as folder:
+        store_profile(profile, tracking_uri, MonitorSettings().experiment, Path(folder))
+
+
 def register_examples(tracking_uri: str, name: str) -> tuple[str, str, str]:
-    """The model's first version (registered once), and two new candidates: good and bad."""
+    """The model's first version (registered once), and two new candidates: good and bad, each
+    profiled from the training data as it is registered."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -282,6 +417,8 @@ def register_examples(tracking_uri: str, name: str) -> tuple[str, str, str]:
         first = str(existing[0]) if existing else log_mlp(name, 1, fraud_transformer())
         good = log_mlp(name, 1, fraud_transformer())  # trained again: the same answers
         bad = log_mlp(name, 1, fraud_transformer(), fault="nan")
+    for version in {first, good, bad}:
+        _profile(tracking_uri, name, version)
     return first, good, bad
 
 

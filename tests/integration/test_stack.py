@@ -108,6 +108,23 @@ def test_demo_approvals_in_mlflow_start_deploy_runs_that_promote_the_good_and_ro
     assert page.status_code == 200 and "Canary report" in page.text and page.text.count("<img") >= 2
 
 
+def test_demo_monitoring_passes_the_clean_window_and_trips_on_the_shifted_one(stack):
+    """The monitor_model DAG through Airflow on the demo's own traffic: the profile made at
+    registration, the report linked from the version, the asset event in Airflow."""
+    monitoring = stack["demo"]["monitoring"]
+    clean, shifted = monitoring["windows"]["clean"], monitoring["windows"]["shifted"]
+    assert clean["decision"] == "ok" and clean["raised"] == []
+    assert shifted["decision"] == "tripped" and "skew:age_days" in shifted["tripped"]
+    assert "skew:amount" not in shifted["tripped"]
+    assert shifted["raised"] == ["mlops://models/demo-fraud/drift"]
+    event = monitoring["asset_event"]
+    assert "skew:age_days" in event["tripped"] and event["report"] == shifted["report"]
+    assert monitoring["version_report"] == shifted["report"]
+    assert monitoring["asset_page"].startswith(stack["up"]["airflow_login"]["url"].rstrip("/"))
+    page = httpx.get(shifted["report"], timeout=10)
+    assert page.status_code == 200 and "age_days" in page.text and page.text.count("<img") >= 4
+
+
 def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):
     logged = stack["demo"]["inference_log"]
     served = stack["demo"]["serving"]

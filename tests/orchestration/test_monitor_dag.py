@@ -89,14 +89,24 @@ def world(mlflow_registry, airflow_db, tmp_path_factory):
     version = runtime("-c", REGISTER, mlflow_registry.url, MODEL)
     data = tmp / "training.csv"
     runtime("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, version, str(T0), str(data))
-    return {"registry": mlflow_registry, "version": version, "settings": settings, "runtime": runtime, "data": data}
+    return {
+        "registry": mlflow_registry,
+        "version": version,
+        "settings": settings,
+        "runtime": runtime,
+        "data": data,
+    }
 
 
 @pytest.fixture(scope="module")
 def profiled(world):
     """`mlops profile` on a version registered without one: it is stored and linked from the version."""
     assert "monitoring.profile" not in world["registry"].tags(MODEL, world["version"])
-    made = json.loads(world["runtime"]("-m", "mlops", "profile", MODEL, "--version", world["version"], "--data", str(world["data"])))
+    made = json.loads(
+        world["runtime"](
+            "-m", "mlops", "profile", MODEL, "--version", world["version"], "--data", str(world["data"])
+        )
+    )
     assert made["features"] == {"amount": "numeric", "age_days": "numeric", "country": "categorical"}
     assert made["rows"] == 5000 and made["expectations"] == 9  # per feature: exists, nulls, range or domain
     tag = world["registry"].tags(MODEL, world["version"])["monitoring.profile"]
@@ -149,7 +159,9 @@ def test_windows_in_order_ok_tripped_insufficient_and_cooled_down(world, monitor
     assert shifted["emit"] and trigger["raised"] == [f"mlops://models/{MODEL}/drift"]
     [extra] = drift_events()
     assert extra["versions"] == [world["version"]] and "skew:age_days" in extra["tripped"]
-    assert extra["window"]["end"] == shifted["window"]["end"] and extra["report"] == shifted["links"]["report"]
+    assert (
+        extra["window"]["end"] == shifted["window"]["end"] and extra["report"] == shifted["links"]["report"]
+    )
 
     few, trigger = window(monitor_dag, 2)
     assert few["decision"] == "insufficient" and "100 events, fewer than the 500" in few["reason"]
