@@ -71,7 +71,10 @@ def test_deploy_model_waits_without_holding_a_worker_and_undoes_any_failure(dagb
 
 def test_monitor_model_is_scheduled_per_the_models_file_and_raises_drift_through_an_alias(dagbag):
     dag = dagbag.dags["monitor_model"]
-    assert getattr(dag.timetable, "expression", None) in ("0 * * * *", "@hourly")  # defaults.monitor.schedule: "@hourly"
+    assert getattr(dag.timetable, "expression", None) in (
+        "0 * * * *",
+        "@hourly",
+    )  # defaults.monitor.schedule: "@hourly"
     assert [t.task_id for t in dag.get_task("check").upstream_list] == ["plan"]
     assert [t.task_id for t in dag.get_task("trigger").upstream_list] == ["check"]
     [alias] = dag.get_task("trigger").outlets
