@@ -1,7 +1,7 @@
 """Operations files, rendered from the code that uses them: search templates and retention
-policies (the same objects the search log store installs), a Kibana / OpenSearch Dashboards
-data view and saved search over the events, and a Grafana dashboard for the model server's
-Prometheus metrics. `mlops logs assets --output-dir docker` writes them; a test keeps the
+policies (the same objects the search log store installs), Kibana / OpenSearch Dashboards data
+views and saved searches over the events and over monitoring's window summaries, a Grafana
+dashboard for the model server's Prometheus metrics and one for the monitoring windows. `mlops logs assets --output-dir docker` writes them; a test keeps the
 committed copies equal to this rendering.
 """
 
@@ -17,6 +17,8 @@ from monitoring.logstore.search import (
     ilm_policy,
     index_template,
     ism_policy,
+    windows_index,
+    windows_template,
 )
 
 
@@ -28,7 +30,9 @@ def render_assets(prefix: str = DEFAULT_PREFIX, retention_days: int = 30) -> dic
         "search/index-template-feedback.json": feedback_template(prefix),
         "search/ilm-policy.json": {"policy": ilm_policy(retention_days)},
         "search/ism-policy.json": ism_policy(retention_days, prefix),
+        "search/index-template-monitoring.json": windows_template(prefix),
         "grafana/mlops-serving.json": grafana_dashboard(),
+        "grafana/mlops-monitoring.json": monitoring_dashboard(),
     }
     rendered = {path: json.dumps(body, indent=2) + "\n" for path, body in files.items()}
     rendered["search/kibana-saved-objects.ndjson"] = "".join(
@@ -38,29 +42,48 @@ def render_assets(prefix: str = DEFAULT_PREFIX, retention_days: int = 30) -> dic
 
 
 def saved_objects(prefix: str) -> list[dict[str, Any]]:
-    """A data view over the events (time field ts_ms) and a saved search of the useful columns.
+    """Data views over the events (time field ts_ms) and the monitoring windows (end_ms), and a
+    saved search of the useful columns of each.
 
     Import with Kibana's or OpenSearch Dashboards' saved objects import (Stack Management).
     """
-    view_id = f"{prefix}-events"
+    return [
+        *_view_and_search(
+            f"{prefix}-events", events_pattern(prefix), "ts_ms", "mlops inference events",
+            f"{prefix}-recent", "mlops: predictions",
+            ["model", "version", "role", "status", "latency_ms", "request_id"],
+        ),
+        *_view_and_search(
+            f"{prefix}-monitoring", windows_index(prefix), "end_ms", "mlops monitoring windows",
+            f"{prefix}-windows", "mlops: monitoring windows",
+            ["model", "version", "decision", "tripped", "events", "outlier_rate", "max_effect", "emitted", "report"],
+        ),
+    ]  # fmt: skip
+
+
+def _view_and_search(
+    view_id: str,
+    title: str,
+    time_field: str,
+    name: str,
+    search_id: str,
+    search_title: str,
+    columns: list[str],
+) -> list[dict[str, Any]]:
     return [
         {
             "type": "index-pattern",
             "id": view_id,
-            "attributes": {
-                "title": events_pattern(prefix),
-                "timeFieldName": "ts_ms",
-                "name": "mlops inference events",
-            },
+            "attributes": {"title": title, "timeFieldName": time_field, "name": name},
             "references": [],
         },
         {
             "type": "search",
-            "id": f"{prefix}-recent",
+            "id": search_id,
             "attributes": {
-                "title": "mlops: predictions",
-                "columns": ["model", "version", "role", "status", "latency_ms", "request_id"],
-                "sort": [["ts_ms", "desc"]],
+                "title": search_title,
+                "columns": columns,
+                "sort": [[time_field, "desc"]],
                 "kibanaSavedObjectMeta": {
                     "searchSourceJSON": json.dumps(
                         {
@@ -159,5 +182,65 @@ def grafana_dashboard() -> dict[str, Any]:
                 "targets": [{"refId": "A", "expr": expr, "legendFormat": "__auto"}],
             }
             for i, (title, expr, unit) in enumerate(panels)
+        ],
+    }
+
+
+def monitoring_dashboard() -> dict[str, Any]:
+    """Monitoring's window summaries (the log store's ``<prefix>-monitoring`` index) through an
+    Elasticsearch / OpenSearch data source: decisions, effect sizes, outlier rates, accuracy."""
+
+    def target(metric: dict[str, Any], query: str = "") -> dict[str, Any]:
+        return {
+            "refId": "A",
+            "query": query,
+            "timeField": "end_ms",
+            "metrics": [{"id": "1", **metric}],
+            "bucketAggs": [
+                {"id": "2", "type": "terms", "field": "version", "settings": {"size": "10", "order": "desc"}},
+                {"id": "3", "type": "date_histogram", "field": "end_ms", "settings": {"interval": "auto"}},
+            ],
+        }
+
+    panels = [
+        ("Tripped windows by version", target({"type": "count"}, "decision:tripped"), "none"),
+        (
+            "Largest effect against its threshold (1: at it)",
+            target({"type": "max", "field": "max_effect"}),
+            "none",
+        ),
+        ("Outlier rate", target({"type": "max", "field": "outlier_rate"}), "percentunit"),
+        ("Accuracy where labels came back", target({"type": "avg", "field": "accuracy"}), "percentunit"),
+        ("Events per window", target({"type": "sum", "field": "events"}), "none"),
+        ("Triggers raised", target({"type": "count"}, "emitted:true"), "none"),
+    ]
+    return {
+        "title": "mlops: monitoring windows",
+        "uid": "mlops-monitoring",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "1m",
+        "time": {"from": "now-7d", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "type": "datasource",
+                    "query": "elasticsearch",
+                    "label": "The log store (index <prefix>-monitoring, time field end_ms)",
+                }
+            ]
+        },
+        "panels": [
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": {"type": "elasticsearch", "uid": "${datasource}"},
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [query],
+            }
+            for i, (title, query, unit) in enumerate(panels)
         ],
     }

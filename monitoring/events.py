@@ -97,6 +97,30 @@ class InferenceEvent:
         return event
 
 
+class RowBlock(NamedTuple):
+    """Rows answered together, as columns: a logged request's rows (or one single event). What a
+    reader that wants columns gets (``LogStore.blocks``), without an event object per row."""
+
+    ts_ms: int
+    model: str
+    version: str
+    role: str
+    request_id: str
+    status: str
+    rows: int
+    inputs: dict[str, list[Any]]  # one value per row, as the application sent it
+    outputs: dict[str, list[Any]]
+    first_row: int = 0  # the row number of the first row (a single event's own row)
+
+
+def event_block(event: InferenceEvent) -> RowBlock:
+    return RowBlock(
+        event.ts_ms, event.model, event.version, event.role, event.request_id, event.status, 1,
+        {name: [value] for name, value in event.inputs.items()},
+        {name: [value] for name, value in event.outputs.items()}, event.row,
+    )  # fmt: skip
+
+
 # --- a logged request ---------------------------------------------------------------------------
 #
 #   JSON [schema_version, ts_s, latency_s, rows, model, version, role, request_id, protocol,
@@ -172,11 +196,18 @@ class LoggedRequest(NamedTuple):
     error: str | None
     body: bytes
 
-    def events(self) -> list[InferenceEvent]:
-        """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store);
-        a body that does not fit its head raises MalformedEvent."""
+    def block(self) -> RowBlock:
+        """Its rows as columns; a body that does not fit its head raises MalformedEvent."""
         if self.error is not None:
-            return [self._event(0, {}, {}, "error", self.error)]
+            return RowBlock(
+                self.ts_ms, self.model, self.version, self.role, self.request_id, "error", 1, {}, {}
+            )
+        inputs, outputs = self._columns()
+        return RowBlock(
+            self.ts_ms, self.model, self.version, self.role, self.request_id, "ok", self.rows, inputs, outputs
+        )
+
+    def _columns(self) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
         try:
             inputs = request_columns(orjson.loads(self.body), self.protocol, self.row_input)
             outputs = {name: _column(values) for name, values in self.outputs.items()}
@@ -184,6 +215,14 @@ class LoggedRequest(NamedTuple):
             raise MalformedEvent(f"request {self.event_id}: body not readable: {exc!r}") from exc
         if any(len(column) != self.rows for column in (*inputs.values(), *outputs.values())):
             raise MalformedEvent(f"request {self.event_id}: columns are not all {self.rows} rows long")
+        return inputs, outputs
+
+    def events(self) -> list[InferenceEvent]:
+        """One event per row, in event id order (``-10`` sorts before ``-2``, as in every store);
+        a body that does not fit its head raises MalformedEvent."""
+        if self.error is not None:
+            return [self._event(0, {}, {}, "error", self.error)]
+        inputs, outputs = self._columns()
         rows = range(self.rows)
         return [
             self._event(

@@ -271,11 +271,19 @@ def column_values(values: Sequence[Any], kind: Kind) -> np.ndarray:
     """A column as the checks take it: numeric float64 with NaN for a null or a non-number,
     categorical an object array of strings, None for a null."""
     if kind == "numeric":
+        try:  # numbers and nulls (None becomes NaN): the common case, in C
+            out = np.asarray(values, dtype=float)
+            if out.ndim == 1 and not any(type(v) is bool for v in values):
+                return out
+        except (TypeError, ValueError):
+            pass
         out = np.empty(len(values), dtype=float)
         for i, value in enumerate(values):
             out[i] = value if type(value) in (float, int) else _number(value)
         return out
-    return np.asarray([None if _is_null(v) else str(v) for v in values], dtype=object)
+    return np.asarray(
+        [v if type(v) is str else None if v is None or v != v else str(v) for v in values], dtype=object
+    )
 
 
 def _number(value: Any) -> float:
@@ -285,10 +293,6 @@ def _number(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def encode(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:

@@ -8,17 +8,19 @@ skipped (the store's ``ReadStats``); a request the model failed carries no input
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from monitoring.events import Labelled
+from monitoring.events import RowBlock
 from monitoring.logstore import LogStore, ReadStats
 from monitoring.profile import Kind, column_values
 
 CHUNK = 16_384  # rows gathered as Python values before they become arrays
+PAGE_BLOCKS = 500  # blocks (requests) whose labels are looked up at once
 
 
 @dataclass
@@ -68,14 +70,16 @@ class _Columns:
         self.wrong_type = dict.fromkeys(kinds, 0)
         self.roles: dict[str, int] = {}
 
-    def add(self, inputs: Mapping[str, Any], prediction: Any, label: Any, ts_ms: int, role: str) -> None:
-        rows = self.rows
+    def add(self, block: RowBlock, predictions: list[Any], labels: list[Any]) -> None:
+        """A block's rows: its columns extended onto the chunk's."""
+        inputs = flatten(block.inputs)
         for name in self.kinds:
-            rows[name].append(inputs.get(name))
-        self.predictions.append(prediction)
-        self.labels.append(label)
-        self.ts.append(ts_ms)
-        self.roles[role] = self.roles.get(role, 0) + 1
+            column = inputs.get(name)
+            self.rows[name].extend(column if column is not None else [None] * block.rows)
+        self.predictions.extend(predictions)
+        self.labels.extend(labels)
+        self.ts.extend([block.ts_ms] * block.rows)
+        self.roles[block.role] = self.roles.get(block.role, 0) + block.rows
         if len(self.ts) >= CHUNK:
             self.flush()
 
@@ -86,10 +90,12 @@ class _Columns:
             values = self.rows[name]
             column = column_values(values, kind)
             if kind == "numeric":
-                self.wrong_type[name] += sum(
-                    1 for v in values if v is not None and type(v) not in (float, int)
-                    and not (isinstance(v, str) and _is_number(v))
-                )  # fmt: skip
+                nulls = int(np.isnan(column).sum())
+                if nulls:  # a NaN is a null or a value that was not a number: which, counted here
+                    self.wrong_type[name] += sum(
+                        1 for v in values if v is not None and type(v) not in (float, int)
+                        and not (isinstance(v, str) and _is_number(v))
+                    )  # fmt: skip
             self.chunks[name].append(column)
             self.rows[name] = []
         self.done["predictions"].append(np.asarray(self.predictions + [None], dtype=object)[:-1])
@@ -126,18 +132,31 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def flatten(inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Named inputs as features: a vector input ``x`` gives ``x[0]``, ``x[1]``, ..."""
-    if not any(isinstance(value, list) for value in inputs.values()):
+def flatten(inputs: Mapping[str, list[Any]]) -> Mapping[str, list[Any]]:
+    """Named input columns as features: a vector input ``x`` gives the columns ``x[0]``, ``x[1]``, ..."""
+    if not any(column and isinstance(column[0], list) for column in inputs.values()):
         return inputs
-    flat: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if isinstance(value, list):
-            for index, item in enumerate(value):
-                flat[f"{name}[{index}]"] = item
+    flat: dict[str, list[Any]] = {}
+    for name, column in inputs.items():
+        if column and isinstance(column[0], list):
+            for index in range(len(column[0])):
+                flat[f"{name}[{index}]"] = [row[index] if index < len(row) else None for row in column]
         else:
-            flat[name] = value
+            flat[name] = column
     return flat
+
+
+def predictions(outputs: Mapping[str, list[Any]], rows: int, output: str | None = None) -> list[Any]:
+    """The prediction of each row of a block's output columns (``prediction`` of each)."""
+    if not outputs:
+        return [None] * rows
+    name = output or ("label" if "label" in outputs else next(iter(outputs)))
+    column = outputs.get(name)
+    if column is None:
+        return [None] * rows
+    if column and isinstance(column[0], str):
+        return column
+    return [prediction({name: value}, name) for value in column]
 
 
 def prediction(outputs: Mapping[str, Any], output: str | None = None) -> Any:
@@ -176,29 +195,35 @@ def read_window(
     stats = ReadStats()
     builders: dict[str, _Columns | None] = {}
     counts: dict[str, int] = {}
-    failed = 0
-    seen = 0
-    items: Iterable[Labelled] = store.labelled(model, start_ms, end_ms, stats=stats)
-    for item in items:
-        event = item.event
-        seen += 1
-        if progress is not None and seen % 100_000 == 0:
+    failed = seen = 0
+    blocks = store.blocks(model, start_ms, end_ms, stats=stats)
+    while page := list(itertools.islice(blocks, PAGE_BLOCKS)):
+        wanted = {b.request_id for b in page if b.status == "ok" and (not versions or b.version in versions)}
+        labels = store.request_labels(sorted(wanted)) if wanted else {}
+        for block in page:
+            seen += block.rows
+            if versions and block.version not in versions:
+                continue
+            if block.status != "ok":
+                failed += block.rows
+                continue
+            builder = builders.get(block.version, False)
+            if builder is False:
+                found = kinds(block.version)
+                builder = builders[block.version] = (
+                    _Columns(block.version, found) if found is not None else None
+                )
+            if builder is None:
+                counts[block.version] = counts.get(block.version, 0) + block.rows
+                continue
+            rows = range(block.first_row, block.first_row + block.rows)
+            builder.add(
+                block,
+                predictions(block.outputs, block.rows, output),
+                [labels.get((block.request_id, row)) for row in rows] if labels else [None] * block.rows,
+            )
+        if progress is not None and seen // 100_000 != (seen - sum(b.rows for b in page)) // 100_000:
             progress(seen)
-        if versions and event.version not in versions:
-            continue
-        if event.status != "ok":
-            failed += 1
-            continue
-        builder = builders.get(event.version, False)
-        if builder is False:
-            found = kinds(event.version)
-            builder = builders[event.version] = _Columns(event.version, found) if found is not None else None
-        if builder is None:
-            counts[event.version] = counts.get(event.version, 0) + 1
-            continue
-        builder.add(
-            flatten(event.inputs), prediction(event.outputs, output), item.label, event.ts_ms, event.role
-        )
     result = {version: b.finish() for version, b in builders.items() if b is not None}
     for version, count in counts.items():  # versions without a profile: their count only
         result[version] = VersionWindow(

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from common.errors import ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, RequestBatch
+from monitoring.events import Feedback, InferenceEvent, Labelled, RequestBatch, RowBlock
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ class LogStore(Protocol):
         """The stored labels of these (request_id, row) keys (keys without one are left out)."""
         ...
 
+    def request_labels(self, request_ids: Sequence[str]) -> dict[tuple[str, int], Any]:
+        """Every stored label of these requests, by (request_id, row)."""
+        ...
+
     def known_requests(self, request_ids: Sequence[str], since_ms: int) -> set[str]:
         """Which of these request ids have events, looking back at least to ``since_ms`` (a store
         may look further: the search stores look at everything)."""
@@ -94,6 +98,13 @@ class LogStore(Protocol):
         role: str | None = None,
         stats: ReadStats | None = None,
     ) -> Iterator[InferenceEvent]: ...
+
+    def blocks(
+        self, model: str, start_ms: int, end_ms: int, stats: ReadStats | None = None
+    ) -> Iterator[RowBlock]:
+        """The window's rows as columns, a logged request (or a single event) at a time, in time
+        order: what ``query`` reads, without an event object per row (monitoring's windows)."""
+        ...
 
     def count(
         self, model: str, start_ms: int, end_ms: int, version: str | None = None, role: str | None = None

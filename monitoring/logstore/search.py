@@ -26,7 +26,15 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from common.errors import BackendRefused, BackendUnavailable, ConfigError
-from monitoring.events import Feedback, InferenceEvent, Labelled, MalformedEvent, RequestBatch
+from monitoring.events import (
+    Feedback,
+    InferenceEvent,
+    Labelled,
+    MalformedEvent,
+    RequestBatch,
+    RowBlock,
+    event_block,
+)
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
 
 log = logging.getLogger(__name__)
@@ -537,6 +545,32 @@ class SearchLogStore:
             labels = self._labels([f"{e.request_id}:{e.row}" for e in events])
             for event in events:
                 yield Labelled(event, labels.get(f"{event.request_id}:{event.row}"))
+
+    def blocks(
+        self, model: str, start_ms: int, end_ms: int, stats: ReadStats | None = None
+    ) -> Iterator[RowBlock]:
+        """A block per event: the search stores keep a document per row."""
+        for event in self.query(model, start_ms, end_ms, stats=stats):
+            yield event_block(event)
+
+    def request_labels(self, request_ids: Sequence[str]) -> dict[tuple[str, int], Any]:
+        """A terms query on the requests' ids, paged by (request_id, row)."""
+        found: dict[tuple[str, int], Any] = {}
+        if not request_ids:
+            return found
+        body: dict[str, Any] = {
+            "query": {"terms": {"request_id": sorted(set(request_ids))}},
+            "sort": [{"request_id": "asc"}, {"row": "asc"}],
+            "size": PAGE,
+        }
+        while True:
+            hits = self.client.search(feedback_index(self.prefix), body)["hits"]["hits"]
+            for hit in hits:
+                source = hit["_source"]
+                found[(source["request_id"], int(source["row"]))] = (source.get("label") or {}).get("value")
+            if len(hits) < PAGE:
+                return found
+            body["search_after"] = hits[-1]["sort"]
 
     def _labels(self, keys: list[str]) -> dict[str, Any]:
         if not keys:

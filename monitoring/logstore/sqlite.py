@@ -44,6 +44,8 @@ from monitoring.events import (
     LoggedRequest,
     MalformedEvent,
     RequestBatch,
+    RowBlock,
+    event_block,
     logged_request_ids,
 )
 from monitoring.logstore import ReadStats, WriteResult, timeout_ms
@@ -245,15 +247,34 @@ class SqliteLogStore:
             for event in events:
                 yield Labelled(event, labels.get((event.request_id, event.row)))
 
+    def blocks(
+        self, model: str, start_ms: int, end_ms: int, stats: ReadStats | None = None
+    ) -> Iterator[RowBlock]:
+        for record in self._ordered(model, start_ms, end_ms, None, None, stats):
+            try:
+                if isinstance(record, LoggedRequest):
+                    yield record.block()
+                else:
+                    yield event_block(InferenceEvent.from_dict(orjson.loads(record[2])))
+            except (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError):
+                if stats is not None:
+                    stats.malformed += 1
+
     def labels(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Any]:
         wanted = set(keys)
         if not wanted:
             return {}
+        found = self.request_labels(sorted({r for r, _ in wanted}))
+        return {key: label for key, label in found.items() if key in wanted}
+
+    def request_labels(self, request_ids: Sequence[str]) -> dict[tuple[str, int], Any]:
+        if not request_ids:
+            return {}
         sql = (
             "SELECT request_id, row, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))"
         )
-        rows = self._read(sql, [orjson.dumps(sorted({r for r, _ in wanted})).decode()])
-        return {(r, row): orjson.loads(label) for r, row, label in rows if (r, row) in wanted}
+        rows = self._read(sql, [orjson.dumps(list(request_ids)).decode()])
+        return {(r, row): orjson.loads(label) for r, row, label in rows}
 
     def known_requests(self, request_ids: Sequence[str], since_ms: int) -> set[str]:
         """Single events by their index; batches ending at ``since_ms`` or later by one regular

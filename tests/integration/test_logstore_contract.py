@@ -400,3 +400,34 @@ def test_window_summaries_replace_by_id_and_read_back_oldest_first(store):
     assert [w["end_ms"] for w in found] == [T0 + 10, T0 + 20, T0 + 30]
     assert found[1]["decision"] == "tripped" and found[1]["histograms"] == {"amount": [1, 2, 3]}
     assert [w["end_ms"] for w in store.windows("fraud", T0 + 25, 1)] == [T0 + 20]
+
+
+def test_blocks_hold_the_windows_rows_as_query_gives_them(store):
+    store.write([event(i) for i in range(30)])
+    store.refresh()
+    stats = ReadStats()
+    blocks = list(store.blocks("fraud", T0 + 5, T0 + 25, stats=stats))
+    rows = [(b.request_id, b.first_row + r, b.inputs["amount"][r]) for b in blocks for r in range(b.rows)]
+    expected = [(e.request_id, e.row, e.inputs["amount"]) for e in store.query("fraud", T0 + 5, T0 + 25)]
+    assert sorted(rows) == sorted(expected) and len(rows) == 20 and stats.malformed == 0
+
+
+def test_blocks_of_logged_requests_keep_their_rows_and_errors(store):
+    batch = request_batch(1, 3, rows=[1, 12, 0])
+    store.write_requests([batch])
+    store.refresh()
+    blocks = list(store.blocks("fraud", T0, T0 + 10))
+    ok = sorted((b.request_id, b.first_row + r) for b in blocks if b.status == "ok" for r in range(b.rows))
+    expected = sorted((e.request_id, e.row) for e in events_of(batch) if e.status == "ok")
+    assert ok == expected and sum(b.rows for b in blocks if b.status == "error") == 1
+    assert sum(b.rows for b in blocks) == 14
+
+
+def test_request_labels_are_every_label_of_those_requests(store):
+    store.write_requests([request_batch(0, 3, rows=[2, 2, 2])])
+    store.write_feedback(
+        [Feedback("req-1", 0, "fraud"), Feedback("req-1", 1, "legit"), Feedback("req-2", 1, "x")]
+    )
+    store.refresh()
+    assert store.request_labels(["req-1", "req-9"]) == {("req-1", 0): "fraud", ("req-1", 1): "legit"}
+    assert store.request_labels([]) == {}
