@@ -62,7 +62,13 @@ def monitor_window(
     config = load_monitor_config(settings.deploy.models_file, model, overrides)
     start_ms = end_ms - config.window_ms
     store = get_log_store(settings.log_store_url, **settings.log_store_options())
-    store.ping()
+    try:
+        store.ping()
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(
+            f"log store {settings.log_store_url} does not answer ({exc}); the window ending {iso(end_ms)}"
+            " is not checked: run it again once the store answers"
+        ) from exc
     detectors = get_detectors(settings.monitor.backend)
     profiles: dict[str, Profile | None] = {}
     missing: dict[str, str] = {}

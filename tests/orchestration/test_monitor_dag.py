@@ -32,7 +32,8 @@ with mlflow.start_run():
 print(version)
 """
 # Windows of ten minutes from T0: clean, age_days shifted by half a standard deviation, too few
-# events, shifted again (inside the cooldown of the second).
+# events, shifted again (inside the cooldown of the second), a new country in 5 % of rows, 5 %
+# outliers.
 WRITE = """
 import sys
 import numpy as np
@@ -46,15 +47,23 @@ n = 5000
 pd.DataFrame({"amount": rng.lognormal(3.5, 1.0, n), "age_days": rng.normal(400, 300, n),
               "country": rng.choice(["DE", "FR", "US"], n)}).to_csv(data, index=False)
 store = get_log_store(store_url)
-for number, (rows, shift) in enumerate([(1000, 0.0), (1000, 150.0), (100, 0.0), (1000, 150.0)]):
+windows = [(1000, "none"), (1000, "mean"), (100, "none"), (1000, "mean"), (1000, "category"), (1000, "outliers")]
+for number, (rows, shift) in enumerate(windows):
     start = t0 + number * 600_000
-    events = [
-        InferenceEvent(f"w{number}-{i}", start + i * 500, model, version, "stable", f"r{number}-{i}", 0,
-                       {"amount": float(rng.lognormal(3.5, 1.0)), "age_days": float(rng.normal(400, 300) + shift),
-                        "country": str(rng.choice(["DE", "FR", "US"]))},
-                       {"label": "legit", "probabilities": {"legit": 0.9, "fraud": 0.1}}, 1.0)
-        for i in range(rows)
-    ]
+    events = []
+    for i in range(rows):
+        amount, age = float(rng.lognormal(3.5, 1.0)), float(rng.normal(400, 300))
+        country = str(rng.choice(["DE", "FR", "US"]))
+        if shift == "mean":
+            age += 150.0
+        elif shift == "category" and i % 20 == 0:
+            country = "BR"
+        elif shift == "outliers" and i % 20 == 0:
+            amount, age = amount + 3000.0, age + 1800.0
+        events.append(InferenceEvent(
+            f"w{number}-{i}", start + i * 500, model, version, "stable", f"r{number}-{i}", 0,
+            {"amount": amount, "age_days": age, "country": country},
+            {"label": "legit", "probabilities": {"legit": 0.9, "fraud": 0.1}}, 1.0))
     store.write(events)
 print("written")
 """
@@ -171,6 +180,21 @@ def test_windows_in_order_ok_tripped_insufficient_and_cooled_down(world, monitor
     assert again["decision"] == "tripped" and not again["emit"]
     assert again["cooldown"]["since"] == shifted["window"]["end"].replace("+00:00", "Z")
     assert trigger["raised"] == [] and len(drift_events()) == 1  # one incident, one trigger
+
+    category, _ = window(monitor_dag, 4)
+    assert "skew:country" in category["tripped"] and "unseen values ['BR']" in category["reason"]
+    outliers, _ = window(monitor_dag, 5)
+    assert "outliers:rows" in outliers["tripped"] and not outliers["emit"]  # still the cooldown
+
+
+def test_a_store_that_is_down_fails_the_step_with_its_address(world):
+    done = subprocess.run(
+        [str(RUNTIME_PYTHON), "-m", "mlops", "monitor", "run", MODEL, "--store", "opensearch://127.0.0.1:9?timeout_ms=500"],
+        capture_output=True, text=True, env=clean_env(**world["settings"]), cwd=PROJECT_ROOT, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "BackendUnavailable" and "127.0.0.1:9" in error["message"]
 
 
 def test_the_report_is_logged_where_the_version_links_to_it(world, monitor_dag):
