@@ -266,6 +266,22 @@ class Settings(BaseSettings):
         return self.runtime_venv / "bin" / "python"
 
 
+def read_models_file(path: Path) -> dict[str, Any]:
+    """The per-model policy file (``MLOPS_DEPLOY__MODELS_FILE``): ``defaults`` and ``models``, each
+    domain reading its own sections; {} when there is none."""
+    import yaml
+
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"models file '{path}' cannot be read: {exc}") from exc
+    if not isinstance(data, dict) or not set(data) <= {"defaults", "models"}:
+        raise ConfigError(f"models file '{path}': expected the keys 'defaults' and 'models' only")
+    return data
+
+
 def _client_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import ConfigError
+from common.settings import read_models_file
 from monitoring.detectors import Detectors
 from monitoring.profile import MMD_ROWS, FeatureProfile, Profile, encode, standardized
 from monitoring.statistics import jensen_shannon
@@ -91,7 +92,7 @@ def load_monitor_config(
 ) -> MonitorConfig:
     """The ``monitor`` sections of the models file: ``defaults``, the model's, then ``overrides``
     (a run's params; a None there leaves the setting as it is). Unknown keys are errors."""
-    data = _read(path)
+    data = read_models_file(path)
     known = {f.name for f in dataclasses.fields(MonitorConfig)}
     merged: dict[str, Any] = {}
     layers = [
@@ -123,22 +124,8 @@ def load_monitor_config(
 
 def monitored_models(path: Path) -> list[str]:
     """The models the scheduled DAG looks at: every model of the file whose monitor is enabled."""
-    data = _read(path)
+    data = read_models_file(path)
     return [name for name in sorted(data.get("models") or {}) if load_monitor_config(path, name).enabled]
-
-
-def _read(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"models file '{path}' cannot be read: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"models file '{path}': expected a mapping")
-    return data
 
 
 # --- one check's result --------------------------------------------------------------------------

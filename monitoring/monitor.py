@@ -41,7 +41,7 @@ from monitoring.checks import (
 from monitoring.detectors import get_detectors
 from monitoring.logstore import get_log_store
 from monitoring.profile import Profile, load_stored_profile
-from monitoring.report import iso, write_monitor_report
+from monitoring.report import experiment_id, iso, write_monitor_report
 from monitoring.window import read_window
 
 REPORT_TAG = "monitoring.report"
@@ -254,13 +254,10 @@ def _report(
     )
     client = MlflowClient(settings.mlflow_url)
     try:
-        experiment = client.get_experiment_by_name(settings.monitor.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(settings.monitor.experiment)
-        )
-        found = client.search_runs([experiment_id], f"tags.`mlops.window` = '{name}'", max_results=1)
+        experiment = experiment_id(client, settings.monitor.experiment)
+        found = client.search_runs([experiment], f"tags.`mlops.window` = '{name}'", max_results=1)
         run_id = found[0].info.run_id if found else client.create_run(
-            experiment_id, run_name=name,
+            experiment, run_name=name,
             tags={"mlops.model": result["model"], "mlops.window": name, "mlops.window_end": window["end"]},
         ).info.run_id  # fmt: skip
         client.set_tag(run_id, "mlops.decision", result["decision"])
@@ -297,7 +294,7 @@ def _report(
         "path": str(local),
         "url": url,
         "run_id": run_id,
-        "run_url": f"{settings.mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}",
+        "run_url": f"{settings.mlflow_url}/#/experiments/{experiment}/runs/{run_id}",
         "version_url": version_url,
     }
 

@@ -411,10 +411,10 @@ def store_profile(profile: Profile, mlflow_url: str, experiment: str, workdir: P
         version = client.get_model_version(profile.model, profile.version)
         run_id = version.run_id
         if not run_id:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            from monitoring.report import experiment_id
+
             run = client.create_run(
-                experiment_id,
+                experiment_id(client, experiment),
                 run_name=f"profile-{profile.model}-v{profile.version}",
                 tags={"mlops.model": profile.model, "mlops.version": profile.version},
             )

@@ -48,6 +48,12 @@ def png(figure: Any, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The id of the MLflow experiment ``name`` (made when missing), where reports' runs go."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
 def badge(status: str) -> str:
     return f'<span class="badge" style="background:{BADGES.get(status, "#616161")}">{escape(status)}</span>'
 

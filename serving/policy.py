@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.errors import ConfigError
+from common.settings import read_models_file
 from serving.canary import Thresholds
 
 Insufficient = Literal["rollback", "fail"]
@@ -79,7 +80,7 @@ _SECTIONS: dict[str, type] = {"approval": Approval, "ramp": Ramp, "thresholds": 
 def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | None = None) -> Policy:
     """The model's policy: the file's defaults, the model's own entry, then ``overrides`` (a run's
     params: ``{"ramp": {"min_requests": 20}}``; there a None leaves the setting as it is)."""
-    data = _read(path)
+    data = read_models_file(path)
     layers = [data.get("defaults") or {}, (data.get("models") or {}).get(model) or {}, overrides or {}]
     merged: dict[str, Any] = {}
     for number, layer in enumerate(layers):
@@ -122,20 +123,6 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
         raise ConfigError(f"{path}: {exc}") from exc
     _check(policy, path)
     return policy
-
-
-def _read(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"models file '{path}' cannot be read: {exc}") from exc
-    if not isinstance(data, dict) or not set(data) <= {"defaults", "models"}:
-        raise ConfigError(f"models file '{path}': expected the keys 'defaults' and 'models' only")
-    return data
 
 
 def _check(policy: Policy, path: Path) -> None:

@@ -15,14 +15,13 @@ yet, a step still waiting for its analysis, a role with no latency or no predict
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
 from typing import Any
+
+from monitoring.report import CSS, iso, png
 
 ROLES = ("stable", "canary")
 COLOURS = {"stable": "#4c72b0", "canary": "#dd8452"}
@@ -32,17 +31,6 @@ BADGES = {
     "insufficient": "#ef6c00",
     "in_progress": "#1565c0",
 }
-CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
-h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
-.badge { color: #fff; padding: .15em .6em; border-radius: .8em; font-size: .8em; vertical-align: middle; }
-dl { display: grid; grid-template-columns: max-content auto; gap: .2em 1.2em; } dt { color: #666; }
-dd { margin: 0; } .plots { display: flex; flex-wrap: wrap; gap: 1em; }
-table { border-collapse: collapse; width: 100%; } th, td { border: 1px solid #ddd; padding: .35em .5em;
-  vertical-align: top; text-align: left; } th { background: #f4f4f4; }
-.pass { color: #2e7d32; font-weight: 600; } .fail { color: #c62828; font-weight: 600; }
-small { color: #555; }
-"""
 
 
 def render_report(rollout: dict[str, Any]) -> str:
@@ -87,9 +75,9 @@ def _header(rollout: dict[str, Any]) -> str:
         "reason": rollout.get("reason") or ("none: every step passed" if outcome == "promoted" else "none"),
         "run": rollout.get("run_id"),
         "target": rollout.get("target"),
-        "approval": f"{approval.get('signal') or 'unknown signal'}, at {_time(approved)}",
-        "started": _time(started),
-        "finished": _time(finished) if finished is not None else "not yet",
+        "approval": f"{approval.get('signal') or 'unknown signal'}, at {iso(approved)}",
+        "started": iso(started),
+        "finished": iso(finished) if finished is not None else "not yet",
         "approval to start": _duration(approved, started),
         "approval to end": _duration(approved, finished),
         "thresholds": ", ".join(f"{name} {value}" for name, value in thresholds.items()) or "not recorded",
@@ -101,12 +89,6 @@ def _header(rollout: dict[str, Any]) -> str:
         f' <span class="badge" style="background:{BADGES.get(outcome, "#616161")}">{escape(outcome)}</span></h1>\n'
         "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in rows.items()) + "</dl>"
     )
-
-
-def _time(ms: int | None) -> str:
-    if ms is None:
-        return "unknown"
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _duration(start_ms: int | None, end_ms: int | None) -> str:
@@ -161,7 +143,7 @@ def _by_step(
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
     axes.legend()
-    return _png(figure, title)
+    return png(figure, title)
 
 
 def _distribution(step: dict[str, Any]) -> str:
@@ -185,14 +167,7 @@ def _distribution(step: dict[str, Any]) -> str:
     axes.set(title=title, ylabel="share of predictions")
     axes.grid(alpha=0.3, axis="y")
     axes.legend()
-    return _png(figure, title)
-
-
-def _png(figure: Any, alt: str) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")  # a bare Figure saves through the Agg canvas
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+    return png(figure, title)
 
 
 # --- the table of steps -----------------------------------------------------------------------
@@ -211,7 +186,7 @@ def _table(steps: list[dict[str, Any]]) -> str:
         checks = {check["name"]: check for check in analysis.get("checks") or []}
         cells = [
             escape(f"{step['percent']:g} %"),
-            escape(f"{_time(step.get('started_at_ms'))} to {_time(step.get('ended_at_ms'))}")
+            escape(f"{iso(step.get('started_at_ms'))} to {iso(step.get('ended_at_ms'))}")
             + f"<br><small>{escape(_duration(step.get('started_at_ms'), step.get('ended_at_ms')))}</small>",
             escape(str(step.get("decision") or "waiting")),
             "<br>".join(

@@ -33,6 +33,7 @@ from typing import Any
 from common.errors import InvalidInput, LeaseHeld, MLOpsError, ModelNotFound
 from common.settings import Settings
 from monitoring.events import now_ms
+from monitoring.report import experiment_id
 from serving.canary import Thresholds, analyze
 from serving.policy import Approval, Ramp, load_policy
 from serving.registry import HANDLED, ROLLOUT_TAG, Registry
@@ -440,14 +441,9 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
     name = f"{record['model']}-v{record['version']}-{_safe(record['run_id'])}"
     local = write_report(record, settings.state_dir / "reports" / f"{name}.html")
     client = registry.client
-    experiment = client.get_experiment_by_name(settings.deploy.reports_experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(settings.deploy.reports_experiment)
-    )
+    experiment = experiment_id(client, settings.deploy.reports_experiment)
     run = client.create_run(
-        experiment_id,
+        experiment,
         run_name=name,
         tags={
             "mlops.model": record["model"],
@@ -471,7 +467,7 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
     client.set_terminated(run_id, "FINISHED")
     # The page itself (MLflow serves it as HTML), and the run that keeps it in the MLflow UI.
     url = f"{registry.url}/get-artifact?path=canary-report.html&run_uuid={run_id}"
-    run_url = f"{registry.url}/#/experiments/{experiment_id}/runs/{run_id}"
+    run_url = f"{registry.url}/#/experiments/{experiment}/runs/{run_id}"
     return {"path": str(local), "url": url, "run_id": run_id, "run_url": run_url}
 
 
