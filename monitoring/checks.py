@@ -176,8 +176,10 @@ def check_version(
     config: MonitorConfig,
     detectors: Detectors,
     seed: int,
+    label_delay_s: float | None = None,
 ) -> VersionResult:
-    """Every check of one version's rows; ``previous``: the earlier windows' summaries of it."""
+    """Every check of one version's rows; ``previous``: the earlier windows' summaries of it;
+    ``label_delay_s``: how long after the window's end its labels are read (said in the result)."""
     if profile is None:
         return VersionResult(
             window.version, window.count, "no_profile", "the version has no reference profile"
@@ -210,7 +212,7 @@ def check_version(
     outliers, rate, scores = outlier_check(window, profile, config, detectors)
     result.checks += outliers
     result.outlier_rate, result.outlier_scores = rate, scores
-    result.checks += performance(result, previous, config)
+    result.checks += performance(result, previous, config, label_delay_s)
     tripped = [check for check in result.checks if check.tripped]
     result.status = "tripped" if tripped else "ok"
     result.reason = "; ".join(check.detail for check in tripped) or "every check passed"
@@ -480,20 +482,28 @@ def outlier_check(
 
 
 def performance(
-    result: VersionResult, previous: Sequence[Mapping[str, Any]], config: MonitorConfig
+    result: VersionResult,
+    previous: Sequence[Mapping[str, Any]],
+    config: MonitorConfig,
+    label_delay_s: float | None = None,
 ) -> list[Check]:
+    """Accuracy where labels came back. Labels arrive late: the share labelled so far, and how
+    long after the window's end they were read, are said (a later re-run may see more)."""
     from scipy.stats import fisher_exact
 
     earlier = [p for p in previous if p.get("version") == result.version]
     labelled_before = sum(int(p.get("labelled") or 0) for p in earlier)
     correct_before = sum(int(p.get("correct") or 0) for p in earlier)
     share = result.labelled / result.events if result.events else 0.0
+    delay = (
+        f", labels read {_hours(label_delay_s)} after the window's end" if label_delay_s is not None else ""
+    )
     if result.labelled < config.min_labels or labelled_before < config.min_labels:
         return [
             Check("performance", "accuracy", False,
-                  f"{result.labelled} labelled rows ({share:.0%} of the window) and {labelled_before} before:"
+                  f"{result.labelled} labelled rows ({share:.0%} of the window{delay}) and {labelled_before} before:"
                   f" fewer than {config.min_labels} each side, accuracy not compared",
-                  figures={"labelled": result.labelled, "labelled_share": share})
+                  figures={"labelled": result.labelled, "labelled_share": share, "label_delay_s": label_delay_s})
         ]  # fmt: skip
     accuracy = result.correct / result.labelled
     before = correct_before / labelled_before
@@ -507,11 +517,16 @@ def performance(
     verdict = "accuracy fell" if tripped else "accuracy held"
     return [
         Check("performance", "accuracy", tripped,
-              f"{verdict}: {accuracy:.1%} on {result.labelled} labelled rows ({share:.0%} of the window) against"
+              f"{verdict}: {accuracy:.1%} on {result.labelled} labelled rows ({share:.0%} of the window{delay}) against"
               f" {before:.1%} before (a drop of {config.accuracy_drop_max:.0%} trips), p={p_value:.2g}",
               accuracy, p_value, drop, config.accuracy_drop_max, config.alpha,
-              {"accuracy": accuracy, "before": before, "labelled": result.labelled, "labelled_share": share})
+              {"accuracy": accuracy, "before": before, "labelled": result.labelled, "labelled_share": share,
+               "label_delay_s": label_delay_s})
     ]  # fmt: skip
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def effect_of(check: Check) -> float:

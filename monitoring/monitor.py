@@ -98,7 +98,8 @@ def monitor_window(
     for version, rows in sorted(window.versions.items()):
         progress(f"[2/5] version {version}: {rows.count} events: quality, skew, drift, outliers, performance")
         seed = zlib.crc32(f"{model}:{version}:{start_ms}:{end_ms}".encode())
-        outcome = check_version(rows, profiles.get(version), previous, config, detectors, seed)
+        delay_s = max(0.0, (time.time_ns() // 1_000_000 - end_ms) / 1000)
+        outcome = check_version(rows, profiles.get(version), previous, config, detectors, seed, delay_s)
         if outcome.status == "no_profile":
             outcome.reason = missing.get(version, outcome.reason)
         outcomes[version] = outcome

@@ -123,9 +123,10 @@ def test_accuracy_compared_only_with_enough_labels_each_side(profile):
     assert "performance:accuracy" in worse.tripped
     held = check_version(labelled(22, 0.95), profile, before, config, detectors, 1)
     assert "performance:accuracy" not in held.tripped
-    alone = check_version(labelled(23, 0.5), profile, [], config, detectors, 1)
+    alone = check_version(labelled(23, 0.5), profile, [], config, detectors, 1, label_delay_s=7200)
     check = next(c for c in alone.checks if c.kind == "performance")
     assert not check.tripped and "accuracy not compared" in check.detail
+    assert "(100% of the window, labels read 2.0 h after the window's end)" in check.detail
 
 
 def test_quality_off_reports_but_does_not_trip(profile):
