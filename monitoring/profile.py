@@ -240,11 +240,7 @@ def build_profile(
     profiles, sample = [], {}
     for name in columns:
         series = data[name]
-        kind: Kind = (
-            "categorical"
-            if name in categorical or series.dtype.kind not in "iuf" or series.dtype.kind == "b"
-            else "numeric"
-        )
+        kind = column_kind(series, name in categorical)
         values = column_values(series.tolist(), kind)
         profiles.append(_feature(name, kind, values))
         sample[name] = values[take]
@@ -265,6 +261,12 @@ def build_profile(
     )
     sigma = median_distance(standardized(profile, sample, numeric)[:MMD_ROWS])
     return dataclasses.replace(profile, suite=expectation_suite(profile), mmd_sigma=sigma)
+
+
+def column_kind(series: Any, categorical: bool = False) -> Kind:
+    """A pandas column's kind: numbers are numeric unless said to be categories; text and
+    booleans are categorical."""
+    return "categorical" if categorical or series.dtype.kind not in "iuf" else "numeric"
 
 
 def column_values(values: Sequence[Any], kind: Kind) -> np.ndarray:
