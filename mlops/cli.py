@@ -134,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--output", help="the output whose distribution is compared (default: label, else the first)"
     )
-    analyze.add_argument(
-        "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
-    )
+    _add_store(analyze)
     analyze.set_defaults(handler=_serve_analyze)
     manifests = serve_commands.add_parser(
         "manifests", help="render the KServe manifests (docker/k8s) from MLOPS_KSERVE__*"
@@ -223,9 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than-days", type=int, help="override the retention")
     prune.set_defaults(handler=_logs_prune)
     for sub in logs_commands.choices.values():
-        sub.add_argument(
-            "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
-        )
+        _add_store(sub)
     assets = logs_commands.add_parser(
         "assets", help="render search templates, dashboards (docker/search, docker/grafana)"
     )
@@ -266,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, kind, what in _MONITOR_FLAGS:
         overrides.add_argument(flag, type=kind, help=what)
-    check.add_argument(
-        "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
-    )
+    _add_store(check)
     check.set_defaults(handler=_monitor_run)
     config = monitor_commands.add_parser("config", help="a model's monitor settings, as the files make them")
     config.add_argument("model", nargs="?", help="default: the defaults, and the models the DAG checks")
@@ -304,6 +298,12 @@ _MONITOR_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--accuracy-drop-max", float, "accuracy drop that trips"),
     ("--cooldown", str, "no second trigger for this long after one: 6h"),
 )
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", metavar="URL", help="log store URL (default: MLOPS_LOGS__STORE, else the stack's)"
+    )
 
 
 def _names(text: str) -> list[str]:

@@ -114,9 +114,8 @@ def load_monitor_config(
         config.window_ms, config.cooldown_ms  # noqa: B018 - checked here, once
     except TypeError as exc:
         raise ConfigError(f"{path}: 'monitor': {exc}") from exc
-    for name in ("alpha",):
-        if not 0 < getattr(config, name) < 1:
-            raise ConfigError(f"{path}: monitor {name} must lie between 0 and 1")
+    if not 0 < config.alpha < 1:
+        raise ConfigError(f"{path}: monitor alpha must lie between 0 and 1")
     if config.min_events < 2 or config.history < 1 or config.mmd_permutations < 10:
         raise ConfigError(f"{path}: monitor min_events >= 2, history >= 1 and mmd_permutations >= 10")
     return config
@@ -203,13 +202,18 @@ def check_version(
         )
         return result
     checks = quality(window, profile)
-    for check in checks if not config.quality else ():
-        check.tripped = False  # reported, not decided on
+    if not config.quality:
+        for check in checks:
+            check.tripped = False  # reported, not decided on
     result.checks += checks
     result.checks += skew(window, profile, config, detectors)
-    result.checks += multivariate(window, profile, config, detectors, seed)
+    # The numeric features' complete rows in reference standard deviations: what the MMD test
+    # and the outlier detector both take, made once.
+    reference = standardized(profile, profile.sample, profile.outlier_features)
+    current = standardized(profile, window.columns, profile.outlier_features)
+    result.checks += multivariate(reference, current, profile, config, detectors, seed)
     result.checks += drift(result, profile, previous, config)
-    outliers, rate, scores = outlier_check(window, profile, config, detectors)
+    outliers, rate, scores = outlier_check(reference, current, profile, config, detectors)
     result.checks += outliers
     result.outlier_rate, result.outlier_scores = rate, scores
     result.checks += performance(result, previous, config, label_delay_s)
@@ -362,13 +366,17 @@ def wasserstein_sd(reference: np.ndarray, window: np.ndarray, feature: FeaturePr
 
 
 def multivariate(
-    window: VersionWindow, profile: Profile, config: MonitorConfig, detectors: Detectors, seed: int
+    reference: np.ndarray,
+    current: np.ndarray,
+    profile: Profile,
+    config: MonitorConfig,
+    detectors: Detectors,
+    seed: int,
 ) -> list[Check]:
+    """``reference``, ``current``: the numeric features' complete rows, standardized."""
     names = list(profile.outlier_features)
     if len(names) < 2:
         return []
-    reference = standardized(profile, profile.sample, names)
-    current = standardized(profile, window.columns, names)
     if len(current) < 20 or len(reference) < 20:
         return [Check("multivariate", "numeric features", False, "too few complete rows for the MMD test")]
     rng = np.random.default_rng(seed)
@@ -443,15 +451,13 @@ def drift(
 
 
 def outlier_check(
-    window: VersionWindow, profile: Profile, config: MonitorConfig, detectors: Detectors
+    reference: np.ndarray, current: np.ndarray, profile: Profile, config: MonitorConfig, detectors: Detectors
 ) -> tuple[list[Check], float | None, dict[str, Any]]:
+    """``reference``, ``current``: the numeric features' complete rows, standardized."""
     from scipy.stats import binomtest
 
-    names = list(profile.outlier_features)
-    if not names:
+    if not profile.outlier_features:
         return [], None, {}
-    reference = standardized(profile, profile.sample, names)
-    current = standardized(profile, window.columns, names)
     if len(current) == 0:
         return [Check("outliers", "rows", False, "no complete rows to score")], None, {}
     ref_scores, scores = detectors.outlier_scores(reference, current)

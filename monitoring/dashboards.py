@@ -159,31 +159,10 @@ def grafana_dashboard() -> dict[str, Any]:
             "none",
         ),
     ]
-    return {
-        "title": "mlops: model serving",
-        "uid": "mlops-serving",
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "10s",
-        "time": {"from": "now-1h", "to": "now"},
-        "templating": {
-            "list": [
-                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}
-            ]
-        },
-        "panels": [
-            {
-                "id": i + 1,
-                "type": "timeseries",
-                "title": title,
-                "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "targets": [{"refId": "A", "expr": expr, "legendFormat": "__auto"}],
-            }
-            for i, (title, expr, unit) in enumerate(panels)
-        ],
-    }
+    return _dashboard(
+        "mlops: model serving", "mlops-serving", "10s", "now-1h", "prometheus", "Prometheus",
+        [(title, {"refId": "A", "expr": expr, "legendFormat": "__auto"}, unit) for title, expr, unit in panels],
+    )  # fmt: skip
 
 
 def monitoring_dashboard() -> dict[str, Any]:
@@ -214,33 +193,43 @@ def monitoring_dashboard() -> dict[str, Any]:
         ("Events per window", target({"type": "sum", "field": "events"}), "none"),
         ("Triggers raised", target({"type": "count"}, "emitted:true"), "none"),
     ]
+    return _dashboard(
+        "mlops: monitoring windows", "mlops-monitoring", "1m", "now-7d", "elasticsearch",
+        "The log store (index <prefix>-monitoring, time field end_ms)", panels,
+    )  # fmt: skip
+
+
+def _dashboard(
+    title: str,
+    uid: str,
+    refresh: str,
+    since: str,
+    source: str,
+    source_label: str,
+    panels: list[tuple[str, dict[str, Any], str]],
+) -> dict[str, Any]:
+    """A Grafana dashboard of time series, two a row, each (title, query target, unit), all on
+    the data source the dashboard's ``datasource`` variable picks (of type ``source``)."""
     return {
-        "title": "mlops: monitoring windows",
-        "uid": "mlops-monitoring",
+        "title": title,
+        "uid": uid,
         "schemaVersion": 39,
         "version": 1,
-        "refresh": "1m",
-        "time": {"from": "now-7d", "to": "now"},
+        "refresh": refresh,
+        "time": {"from": since, "to": "now"},
         "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "type": "datasource",
-                    "query": "elasticsearch",
-                    "label": "The log store (index <prefix>-monitoring, time field end_ms)",
-                }
-            ]
+            "list": [{"name": "datasource", "type": "datasource", "query": source, "label": source_label}]
         },
         "panels": [
             {
                 "id": i + 1,
                 "type": "timeseries",
-                "title": title,
-                "datasource": {"type": "elasticsearch", "uid": "${datasource}"},
+                "title": panel_title,
+                "datasource": {"type": source, "uid": "${datasource}"},
                 "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-                "targets": [query],
+                "targets": [target],
             }
-            for i, (title, query, unit) in enumerate(panels)
+            for i, (panel_title, target, unit) in enumerate(panels)
         ],
     }

@@ -445,5 +445,20 @@ class Labelled:
     label: Any | None
 
 
+def prediction(outputs: Mapping[str, Any], output: str | None = None) -> Any:
+    """The prediction of a row, from its named outputs: ``output`` (default: ``label`` if there is
+    one, else the first), read as the best key of a mapping of scores, the position (``#i``) of
+    the largest of a vector of scores, or the value itself. What the canary analysis and
+    monitoring compare."""
+    if not outputs:
+        return None
+    value = outputs.get(output or ("label" if "label" in outputs else next(iter(outputs))))
+    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+        return f"#{int(np.argmax(value))}"  # a vector of scores: its largest position
+    if isinstance(value, dict) and value:
+        return max(value, key=value.get)  # scores by label
+    return value
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000

@@ -20,18 +20,15 @@ it as an asset event on ``mlops://models/<model>/drift``.
 
 from __future__ import annotations
 
-import json
-import tempfile
+import dataclasses
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from common.errors import BackendUnavailable, ConfigError, ModelNotFound
 from common.settings import Settings
 from monitoring.checks import (
-    Check,
     MonitorConfig,
     VersionResult,
     check_version,
@@ -41,7 +38,7 @@ from monitoring.checks import (
 from monitoring.detectors import get_detectors
 from monitoring.logstore import get_log_store
 from monitoring.profile import Profile, load_stored_profile
-from monitoring.report import experiment_id, iso, write_monitor_report
+from monitoring.report import experiment_id, iso, log_report, write_monitor_report
 from monitoring.window import read_window
 
 REPORT_TAG = "monitoring.report"
@@ -95,10 +92,10 @@ def monitor_window(
     )
     previous = store.windows(model, start_ms, config.history * 4)
     outcomes: dict[str, VersionResult] = {}
+    delay_s = max(0.0, (time.time_ns() // 1_000_000 - end_ms) / 1000)  # how late the labels are read
     for version, rows in sorted(window.versions.items()):
         progress(f"[2/5] version {version}: {rows.count} events: quality, skew, drift, outliers, performance")
         seed = zlib.crc32(f"{model}:{version}:{start_ms}:{end_ms}".encode())
-        delay_s = max(0.0, (time.time_ns() // 1_000_000 - end_ms) / 1000)
         outcome = check_version(rows, profiles.get(version), previous, config, detectors, seed, delay_s)
         if outcome.status == "no_profile":
             outcome.reason = missing.get(version, outcome.reason)
@@ -174,21 +171,6 @@ def _decide(outcomes: Mapping[str, VersionResult], config: MonitorConfig) -> tup
     return "insufficient", "; ".join(f"version {o.version}: {o.reason}" for o in outcomes.values())
 
 
-def _check(check: Check) -> dict[str, Any]:
-    return {
-        "kind": check.kind,
-        "name": check.name,
-        "tripped": check.tripped,
-        "detail": check.detail,
-        "statistic": check.statistic,
-        "p_value": check.p_value,
-        "effect": check.effect,
-        "effect_min": check.effect_min,
-        "alpha": check.alpha,
-        "figures": check.figures,
-    }
-
-
 def _outcome(outcome: VersionResult) -> dict[str, Any]:
     return {
         "events": outcome.events,
@@ -196,7 +178,7 @@ def _outcome(outcome: VersionResult) -> dict[str, Any]:
         "reason": outcome.reason,
         "tripped": outcome.tripped,
         "roles": outcome.roles,
-        "checks": [_check(c) for c in outcome.checks],
+        "checks": [dataclasses.asdict(c) for c in outcome.checks],
         "histograms": outcome.histograms,
         "predictions": outcome.predictions,
         "labelled": outcome.labelled,
@@ -270,14 +252,9 @@ def _report(
             if outcome["outlier_rate"] is not None:
                 client.log_metric(run_id, f"v{version}.outlier_rate", outcome["outlier_rate"])
             client.log_metric(run_id, f"v{version}.events", outcome["events"])
-        with tempfile.TemporaryDirectory() as folder:
-            page = Path(folder) / "monitor-report.html"
-            page.write_bytes(local.read_bytes())
-            (Path(folder) / "window.json").write_text(json.dumps(result, indent=1, default=str))
-            client.log_artifact(run_id, str(page))
-            client.log_artifact(run_id, str(Path(folder) / "window.json"))
-        client.set_terminated(run_id, "FINISHED")
-        url = f"{settings.mlflow_url}/get-artifact?path=monitor-report.html&run_uuid={run_id}"
+        url = log_report(
+            client, run_id, settings.mlflow_url, local, "monitor-report.html", result, "window.json"
+        )
         version_url = None
         for version, outcome in result["versions"].items():
             if outcome["status"] == "no_profile":

@@ -54,6 +54,24 @@ def experiment_id(client: Any, name: str) -> str:
     return found.experiment_id if found else client.create_experiment(name)
 
 
+def log_report(
+    client: Any, run_id: str, mlflow_url: str, page: Path, page_name: str, record: Any, record_name: str
+) -> str:
+    """Log a report page and the record it was made from (JSON) as the run's artifacts, and
+    finish the run; returns the page's URL (MLflow serves it as HTML)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        artifact, data = Path(folder) / page_name, Path(folder) / record_name
+        artifact.write_bytes(page.read_bytes())
+        data.write_text(json.dumps(record, indent=2, default=str))
+        client.log_artifact(run_id, str(artifact))
+        client.log_artifact(run_id, str(data))
+    client.set_terminated(run_id, "FINISHED")
+    return f"{mlflow_url}/get-artifact?path={page_name}&run_uuid={run_id}"
+
+
 def badge(status: str) -> str:
     return f'<span class="badge" style="background:{BADGES.get(status, "#616161")}">{escape(status)}</span>'
 

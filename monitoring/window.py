@@ -9,13 +9,14 @@ skipped (the store's ``ReadStats``); a request the model failed carries no input
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from monitoring.events import RowBlock
+from monitoring.events import RowBlock, prediction
 from monitoring.logstore import LogStore, ReadStats
 from monitoring.profile import Kind, column_values
 
@@ -159,24 +160,6 @@ def predictions(outputs: Mapping[str, list[Any]], rows: int, output: str | None 
     return [prediction({name: value}, name) for value in column]
 
 
-def prediction(outputs: Mapping[str, Any], output: str | None = None) -> Any:
-    """The prediction of a row: its ``label`` output (or ``output``), the best key of a mapping of
-    scores, the position of the largest of a vector of scores, or the value itself."""
-    if not outputs:
-        return None
-    name = output or ("label" if "label" in outputs else next(iter(outputs)))
-    value = outputs.get(name)
-    if isinstance(value, dict) and value:
-        return str(max(value, key=value.get))
-    if isinstance(value, list):
-        if value and all(isinstance(v, int | float) for v in value):
-            return f"#{int(np.argmax(value))}"
-        return None
-    if isinstance(value, bool):
-        return str(value)
-    return value
-
-
 def read_window(
     store: LogStore,
     model: str,
@@ -189,8 +172,6 @@ def read_window(
 ) -> Window:
     """The window's events, by version, as columns of the features ``kinds(version)`` names (a
     version it returns None for is counted, not read: it has no profile)."""
-    import time
-
     began = time.monotonic()
     stats = ReadStats()
     builders: dict[str, _Columns | None] = {}
@@ -198,6 +179,7 @@ def read_window(
     failed = seen = 0
     blocks = store.blocks(model, start_ms, end_ms, stats=stats)
     while page := list(itertools.islice(blocks, PAGE_BLOCKS)):
+        before = seen
         wanted = {b.request_id for b in page if b.status == "ok" and (not versions or b.version in versions)}
         labels = store.request_labels(sorted(wanted)) if wanted else {}
         for block in page:
@@ -222,7 +204,7 @@ def read_window(
                 predictions(block.outputs, block.rows, output),
                 [labels.get((block.request_id, row)) for row in rows] if labels else [None] * block.rows,
             )
-        if progress is not None and seen // 100_000 != (seen - sum(b.rows for b in page)) // 100_000:
+        if progress is not None and seen // 100_000 != before // 100_000:
             progress(seen)
     result = {version: b.finish() for version, b in builders.items() if b is not None}
     for version, count in counts.items():  # versions without a profile: their count only
@@ -242,7 +224,6 @@ class ArrayWindow:
     columns: dict[str, np.ndarray]
     predictions: np.ndarray | None = None
     labels: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_version(self, version: str) -> VersionWindow:
         count = len(next(iter(self.columns.values())))

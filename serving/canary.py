@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from monitoring.events import InferenceEvent
+from monitoring.events import InferenceEvent, prediction
 from monitoring.statistics import jensen_shannon
 
 Outcome = Literal["pass", "fail", "insufficient"]
@@ -123,12 +123,7 @@ def _default_output(requests: list[InferenceEvent]) -> str | None:
 
 
 def _value(event: InferenceEvent, output: str | None) -> Any:
-    value = event.outputs.get(output) if output else None
-    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
-        return f"#{int(np.argmax(value))}"  # a vector of scores: its largest position
-    if isinstance(value, dict) and value:
-        return max(value, key=value.get)  # scores by label
-    return value
+    return prediction(event.outputs, output) if output else None
 
 
 def _edges(stable: list[InferenceEvent], output: str | None) -> np.ndarray | None:

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidInput, LeaseHeld, MLOpsError, ModelNotFound
 from common.settings import Settings
 from monitoring.events import now_ms
-from monitoring.report import experiment_id
+from monitoring.report import experiment_id, log_report
 from serving.canary import Thresholds, analyze
 from serving.policy import Approval, Ramp, load_policy
 from serving.registry import HANDLED, ROLLOUT_TAG, Registry
@@ -458,15 +456,8 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
         if analysis:
             for role in ("canary", "stable"):
                 client.log_metric(run_id, f"{role}_error_rate", _error_rate(analysis[role]), step=number)
-    with tempfile.TemporaryDirectory() as folder:
-        page = Path(folder) / "canary-report.html"
-        page.write_bytes(local.read_bytes())
-        (Path(folder) / "rollout.json").write_text(json.dumps(record, indent=2, default=str))
-        client.log_artifact(run_id, str(page))
-        client.log_artifact(run_id, str(Path(folder) / "rollout.json"))
-    client.set_terminated(run_id, "FINISHED")
     # The page itself (MLflow serves it as HTML), and the run that keeps it in the MLflow UI.
-    url = f"{registry.url}/get-artifact?path=canary-report.html&run_uuid={run_id}"
+    url = log_report(client, run_id, registry.url, local, "canary-report.html", record, "rollout.json")
     run_url = f"{registry.url}/#/experiments/{experiment}/runs/{run_id}"
     return {"path": str(local), "url": url, "run_id": run_id, "run_url": run_url}
 

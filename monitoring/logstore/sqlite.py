@@ -103,6 +103,8 @@ _INSERT_EVENT = (
 _WINDOWS = """CREATE TABLE IF NOT EXISTS monitor_windows (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, end_ms INTEGER NOT NULL, doc BLOB NOT NULL
 )"""
+# What a stored record that is not a readable event raises (a reader skips and counts it).
+_UNREADABLE = (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError)
 # What the store is away for (retry later); any other SQLite error is a refusal.
 _AWAY = ("locked", "busy", "disk i/o error", "unable to open", "disk is full", "readonly database")
 
@@ -121,6 +123,7 @@ class SqliteLogStore:
         # How long a write waits for a lock held by another process before the store counts as away.
         self._busy_timeout_ms = timeout_ms(url, default=10_000)
         self._local = threading.local()  # one connection per thread (sqlite3 objects are not shared)
+        self._windows_ready = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -256,7 +259,7 @@ class SqliteLogStore:
                     yield record.block()
                 else:
                     yield event_block(InferenceEvent.from_dict(orjson.loads(record[2])))
-            except (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError):
+            except _UNREADABLE:
                 if stats is not None:
                     stats.malformed += 1
 
@@ -448,12 +451,12 @@ class SqliteLogStore:
 
     def _windows_table(self) -> None:
         """Monitoring's window summaries: a table added to any file of this layout when first used."""
-        if getattr(self._local, "windows", False):
+        if self._windows_ready:  # CREATE ... IF NOT EXISTS once per store, not per call
             return
         with self._transaction("creating the window summaries' table") as db:
             db.execute(_WINDOWS)
             db.execute("CREATE INDEX IF NOT EXISTS monitor_windows_end ON monitor_windows (model, end_ms)")
-        self._local.windows = True
+        self._windows_ready = True
 
     def refresh(self) -> None:
         """Nothing to do: a committed write is visible to every reader at once."""
@@ -574,7 +577,7 @@ def _expand(record: Record, stats: ReadStats | None) -> list[InferenceEvent]:
         if isinstance(record, LoggedRequest):
             return record.events()
         return [InferenceEvent.from_dict(orjson.loads(record[2]))]
-    except (orjson.JSONDecodeError, MalformedEvent, TypeError, AttributeError):
+    except _UNREADABLE:
         if stats is not None:
             stats.malformed += 1
         return []
