@@ -402,7 +402,7 @@ def drift(
 ) -> list[Check]:
     from scipy.stats import chi2_contingency
 
-    earlier = [p for p in previous if p.get("version") == result.version and p.get("histograms")]
+    earlier = _last(previous, result.version, config)
     if not earlier:
         return [
             Check("drift", "previous windows", False, "no previous window of this version: drift not decided")
@@ -445,6 +445,13 @@ def drift(
                   None, p_value, effect, config.js_min, alpha)
         )  # fmt: skip
     return checks
+
+
+def _last(
+    previous: Sequence[Mapping[str, Any]], version: str, config: MonitorConfig
+) -> list[Mapping[str, Any]]:
+    """The version's last ``history`` earlier windows (``previous`` is oldest first)."""
+    return [p for p in previous if p.get("version") == version and p.get("histograms")][-config.history :]
 
 
 # --- outliers ---------------------------------------------------------------------------------------
@@ -497,7 +504,7 @@ def performance(
     long after the window's end they were read, are said (a later re-run may see more)."""
     from scipy.stats import fisher_exact
 
-    earlier = [p for p in previous if p.get("version") == result.version]
+    earlier = _last(previous, result.version, config)
     labelled_before = sum(int(p.get("labelled") or 0) for p in earlier)
     correct_before = sum(int(p.get("correct") or 0) for p in earlier)
     share = result.labelled / result.events if result.events else 0.0

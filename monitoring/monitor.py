@@ -90,6 +90,8 @@ def monitor_window(
         f"    {window.events} events of version(s) {sorted(window.versions) or 'none'} in {window.read_s} s;"
         f" {window.malformed} malformed skipped, {window.failed} failed requests left out"
     )
+    # Every version's summaries are in one list: enough for the last `history` of a few versions
+    # each (the checks keep their own version's), and for the cooldown, which looks at them all.
     previous = store.windows(model, start_ms, config.history * 4)
     outcomes: dict[str, VersionResult] = {}
     delay_s = max(0.0, (time.time_ns() // 1_000_000 - end_ms) / 1000)  # how late the labels are read

@@ -164,3 +164,22 @@ def test_the_shipped_models_file_reads_for_both_domains():
     path = PROJECT_ROOT / "config" / "models.yaml"
     assert load_monitor_config(path, "demo-fraud").window == "10m"
     assert load_policy(path, "demo-fraud").ramp.min_requests == 40
+
+
+def test_drift_pools_only_the_last_history_windows(profile):
+    detectors = get_detectors("scipy")
+    shifted = [
+        _summary(check_version(window(1000, s, "mean"), profile, [], MonitorConfig(), detectors, s))
+        for s in (30, 31)
+    ]
+    clean = _summary(check_version(window(1000, 32), profile, [], MonitorConfig(), detectors, 32))
+    earlier = [*shifted, clean]  # oldest first, as the store gives them
+    now = window(1000, 33)
+    assert (
+        "drift:age_days"
+        in check_version(now, profile, earlier, MonitorConfig(history=3), detectors, 3).tripped
+    )
+    assert (
+        "drift:age_days"
+        not in check_version(now, profile, earlier, MonitorConfig(history=1), detectors, 3).tripped
+    )
