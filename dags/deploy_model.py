@@ -26,35 +26,20 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pendulum
-import yaml
 from airflow.sdk import DAG, Asset, AssetWatcher, Param, task
 
 from mlops_airflow import MlopsOperator, MlopsSensor
 from mlops_airflow.approvals import ApprovalTrigger
+from mlops_airflow.models_file import read_models, setting_help
 
-# Where the registry and the policies are: Airflow Variables set through the environment (the
-# embedded stack sets them; at scale, the deployment does), so parsing this file reads no database.
+# Where the registry is: an Airflow Variable set through the environment (the embedded stack sets
+# it; at scale, the deployment does), so parsing this file reads no database; the policies: the
+# models file (mlops_airflow.models_file).
 MLFLOW_URL = os.environ.get("AIRFLOW_VAR_MLOPS_MLFLOW_URL", "http://127.0.0.1:5000")
-MODELS_FILE = Path(
-    os.environ.get(
-        "AIRFLOW_VAR_MLOPS_MODELS_FILE", Path(__file__).resolve().parents[1] / "config" / "models.yaml"
-    )
-)
-
-
-def _policies() -> dict[str, Any]:
-    """The models file as the form's help shows it (the runtime reads and checks it for real)."""
-    try:
-        return yaml.safe_load(MODELS_FILE.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-POLICIES = _policies()
+POLICIES = read_models()
 DEFAULTS = POLICIES.get("defaults") or {}
 RAMP = DEFAULTS.get("ramp") or {}
 APPROVAL = DEFAULTS.get("approval") or {}
@@ -95,19 +80,8 @@ APPROVALS = Asset(
 
 def _model_help(key: str) -> str:
     """The file's value of a ramp or threshold setting, and each model's own."""
-    section = (
-        "thresholds"
-        if key in ("alpha", "error_margin", "p95_ratio_max", "p95_margin_ms", "js_max")
-        else "ramp"
-    )
-    default = (DEFAULTS.get(section) or {}).get(key)
-    own = {
-        name: ((entry or {}).get(section) or {}).get(key)
-        for name, entry in (POLICIES.get("models") or {}).items()
-        if ((entry or {}).get(section) or {}).get(key) is not None
-    }
-    per_model = "; ".join(f"{name}: {value}" for name, value in own.items())
-    return f"empty: the model's policy (default {default}{'; ' + per_model if per_model else ''})"
+    thresholds = key in ("alpha", "error_margin", "p95_ratio_max", "p95_margin_ms", "js_max")
+    return setting_help(POLICIES, "thresholds" if thresholds else "ramp", key)
 
 
 def _number(key: str, what: str, minimum: float | None = None) -> Param:

@@ -25,39 +25,22 @@ re-run of this one covers the gap).
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pendulum
-import yaml
 from airflow.sdk import DAG, Asset, AssetAlias, Param, task
 
 from mlops_airflow import MlopsReportOperator
+from mlops_airflow.models_file import models_file, read_models, section, setting_help
 
-MODELS_FILE = Path(
-    os.environ.get(
-        "AIRFLOW_VAR_MLOPS_MODELS_FILE", Path(__file__).resolve().parents[1] / "config" / "models.yaml"
-    )
-)
-
-
-def _file() -> dict[str, Any]:
-    """The models file as the schedule and the form's help show it (the runtime checks it for real)."""
-    try:
-        return yaml.safe_load(MODELS_FILE.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-FILE = _file()
-DEFAULTS = (FILE.get("defaults") or {}).get("monitor") or {}
+MODELS = read_models()
+DEFAULTS = section(MODELS, "monitor")
 SCHEDULE = DEFAULTS.get("schedule") or "@hourly"
-MODELS = sorted(
+MONITORED = sorted(
     name
-    for name, entry in (FILE.get("models") or {}).items()
-    if ((entry or {}).get("monitor") or {}).get("enabled", DEFAULTS.get("enabled", True))
+    for name in MODELS.get("models") or {}
+    if section(MODELS, "monitor", name).get("enabled", DEFAULTS.get("enabled", True))
 )
 DRIFT = AssetAlias("mlops-model-drift")  # each event names its model's asset: mlops://models/<model>/drift
 
@@ -81,13 +64,7 @@ SETTINGS = (
 
 
 def _help(key: str) -> str:
-    own = {
-        name: ((entry or {}).get("monitor") or {}).get(key)
-        for name, entry in (FILE.get("models") or {}).items()
-        if ((entry or {}).get("monitor") or {}).get(key) is not None
-    }
-    per_model = "; ".join(f"{name}: {value}" for name, value in own.items())
-    return f"empty: the model's setting (default {DEFAULTS.get(key)}{'; ' + per_model if per_model else ''})"
+    return setting_help(MODELS, "monitor", key)
 
 
 with DAG(
@@ -100,7 +77,7 @@ with DAG(
     tags=["mlops", "monitor"],
     doc_md=__doc__,
     params={
-        "model": Param("", type="string", description=f"one model; empty: every monitored model ({', '.join(MODELS) or 'none'})"),
+        "model": Param("", type="string", description=f"one model; empty: every monitored model ({', '.join(MONITORED) or 'none'})"),
         "end": Param(
             None, type=["null", "string"],
             description="the window's end: an ISO time, or 10m (that long ago); empty: the run's data interval end (by hand: now)",
@@ -112,9 +89,9 @@ with DAG(
     @task
     def plan(params: dict[str, Any], data_interval_end: Any = None) -> list[list[str]]:
         """One `mlops monitor run` command line per model."""
-        models = [params["model"]] if params.get("model") else MODELS
+        models = [params["model"]] if params.get("model") else MONITORED
         if not models:
-            raise ValueError(f"no model to monitor: {MODELS_FILE} lists none, and the form names none")
+            raise ValueError(f"no model to monitor: {models_file()} lists none, and the form names none")
         end = params.get("end") or (data_interval_end or pendulum.now("UTC")).isoformat()
         flags = [f"--{flag}={params[key]}" for key, flag, _, _ in SETTINGS if params.get(key) is not None]
         return [["monitor", "run", model, f"--end={end}", *flags] for model in models]
