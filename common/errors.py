@@ -45,3 +45,8 @@ class LeaseHeld(MLOpsError):
 
 class StackError(MLOpsError):
     """A component of the embedded stack that failed to start, answer, or stop."""
+
+
+def mlflow_not_found(exc: Exception) -> bool:
+    """Whether an MlflowException says the thing asked for does not exist (else MLflow failed)."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()

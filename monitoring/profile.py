@@ -470,9 +470,8 @@ def load_stored_profile(mlflow_url: str, model: str, version: str, cache: Path) 
 
 
 def _registry_error(exc: Exception, model: str, version: str) -> Exception:
-    from common.errors import BackendUnavailable, ModelNotFound
+    from common.errors import BackendUnavailable, ModelNotFound, mlflow_not_found
 
-    text = str(exc)
-    if "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower():
+    if mlflow_not_found(exc):
         return ModelNotFound(f"model '{model}' version {version} is not in the registry")
-    return BackendUnavailable(f"MLflow: {text[:300]}")
+    return BackendUnavailable(f"MLflow: {str(exc)[:300]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.errors import BackendUnavailable, ModelNotFound
+from common.errors import BackendUnavailable, ModelNotFound, mlflow_not_found
 from serving.policy import Approval
 
 ROLLOUT_TAG = "rollout"  # queued | in_progress | promoted | rolled_back | replaced | insufficient
@@ -30,8 +30,6 @@ class Registry:
         when it does not answer."""
         from mlflow.exceptions import MlflowException
 
-        from serving.sources import mlflow_not_found
-
         try:
             return self.client.get_model_version(model, version)
         except MlflowException as exc:
@@ -43,8 +41,6 @@ class Registry:
 
     def alias(self, model: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
-
-        from serving.sources import mlflow_not_found
 
         try:
             return str(self.client.get_model_version_by_alias(model, alias).version)

@@ -19,15 +19,10 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common.errors import BackendUnavailable, InvalidInput, ModelNotFound
+from common.errors import BackendUnavailable, InvalidInput, ModelNotFound, mlflow_not_found
 
 _MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 _DONE = ".complete"
-
-
-def mlflow_not_found(exc: Exception) -> bool:
-    """Whether an MlflowException says the thing asked for does not exist (else MLflow failed)."""
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
 
 
 def resolve(uri: str, tracking_uri: str) -> tuple[str, str | None]:
