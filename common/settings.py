@@ -172,6 +172,12 @@ class MonitorSettings(_Section):
     experiment: str = Field("mlops-monitoring", description="MLflow experiment of the monitoring reports")
 
 
+class RetrainSettings(_Section):
+    """Retraining: where its runs go (per-model training and approval settings: the models file)."""
+
+    experiment: str = Field("mlops-retraining", description="MLflow experiment of the retraining runs")
+
+
 class KServeSettings(_Section):
     """The Kubernetes target (kserve://<namespace>): how InferenceServices are built."""
 
@@ -207,6 +213,7 @@ class Settings(BaseSettings):
     logs: LogsSettings = LogsSettings()
     deploy: DeploySettings = DeploySettings()
     monitor: MonitorSettings = MonitorSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -280,6 +287,31 @@ def read_models_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not set(data) <= {"defaults", "models"}:
         raise ConfigError(f"models file '{path}': expected the keys 'defaults' and 'models' only")
     return data
+
+
+def models_file_section(
+    path: Path, section: str, known: set[str], model: str | None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One section (``monitor``, ``retrain``) of the models file, merged: ``defaults``, the model's
+    entry, then ``overrides`` (a run's params; a None there leaves the setting as it is). Unknown
+    keys are errors naming the file (or the params) and the section."""
+    data = read_models_file(path)
+    layers = [
+        (str(path), (data.get("defaults") or {}).get(section)),
+        (str(path), ((data.get("models") or {}).get(model) or {}).get(section) if model else None),
+        ("the run's params", {k: v for k, v in (overrides or {}).items() if v is not None}),
+    ]
+    merged: dict[str, Any] = {}
+    for where, layer in layers:
+        if layer is None:
+            continue
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{where}: '{section}' must be a mapping, got {layer!r}")
+        unknown = sorted(set(layer) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} in '{section}' (known: {sorted(known)})")
+        merged.update(layer)
+    return merged
 
 
 def _client_host(bind_host: str) -> str:

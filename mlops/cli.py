@@ -268,6 +268,60 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("model", nargs="?", help="default: the defaults, and the models the DAG checks")
     config.set_defaults(handler=_monitor_config)
 
+    train = commands.add_parser(
+        "train",
+        help="a model's first version: the retraining steps on a file or a built-in dataset, registered",
+    )
+    train.add_argument("model")
+    data = train.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, metavar="FILE", help=".csv, .parquet, .jsonl or .json")
+    data.add_argument("--dataset", metavar="NAME", help="a dataset shipped in an installed package: digits")
+    train.add_argument("--label", default="label", metavar="COLUMN", help="the label column (default: label)")
+    train.add_argument("--rows", type=int, metavar="N", help="only the first N rows")
+    _add_retrain_flags(train)
+    train.set_defaults(handler=_train)
+
+    retrain = commands.add_parser(
+        "retrain",
+        help="the retrain DAG's steps: dataset, validate, train, export, evaluate, register, approve",
+    )
+    retrain_commands = retrain.add_subparsers(dest="retrain_command", required=True, parser_class=_Parser)
+    from retraining.pipeline import STEPS
+
+    for step, text in zip(STEPS, (
+        "the parent's training rows plus the labelled traffic, hashed, into the trigger's MLflow run",
+        "the dataset against the training suite (great-expectations); a failure registers nothing",
+        "a seeded PyTorch MLP with early stopping (CUDA when present)",
+        "ONNX, and its parity with PyTorch on the held-out rows",
+        "the candidate and the champion on the held-out rows and the recent window",
+        "the candidate in MLflow: signature, input example, transformer spec, profile, lineage",
+        "the approval policy: the challenger alias, or left for a person",
+    ), strict=True):  # fmt: skip
+        sub = retrain_commands.add_parser(step, help=text)
+        sub.add_argument("model")
+        sub.add_argument(
+            "--trigger", required=True, metavar="KEY", help="what asked for it: one candidate per key"
+        )
+        if step == "dataset":
+            sub.add_argument("--reason", default="", help="why, in words (recorded on the version)")
+            sub.add_argument(
+                "--monitor-run", default="", metavar="ID", help="the monitoring run that tripped"
+            )
+            sub.add_argument("--report", default="", metavar="URL", help="its report")
+            sub.add_argument(
+                "--end", metavar="WHEN", help="labelled traffic up to here: an ISO time (default: now)"
+            )
+            sub.add_argument(
+                "--parent", metavar="VERSION", help="the version retrained (default: the champion)"
+            )
+        _add_retrain_flags(sub)
+        sub.set_defaults(handler=_retrain)
+    retrain_config = retrain_commands.add_parser(
+        "config", help="a model's retrain settings, as the files make them"
+    )
+    retrain_config.add_argument("model", nargs="?")
+    retrain_config.set_defaults(handler=_retrain_config)
+
     demo = commands.add_parser("demo", help="the main job: the stack up and every part of the loop, once")
     demo.add_argument(
         "--ttl-s", type=_positive_float, metavar="SECONDS", help="stop the stack by itself after this long"
@@ -298,6 +352,33 @@ _MONITOR_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("--accuracy-drop-max", float, "accuracy drop that trips"),
     ("--cooldown", str, "no second trigger for this long after one: 6h"),
 )
+
+
+# The retrain settings a run may change (`train`, `retrain <step>`, and the retrain DAG's form).
+_RETRAIN_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--window", str, "labelled traffic this far back: 7d"),
+    ("--epochs", int, "training epochs at most"),
+    ("--hidden", str, "the MLP's hidden layer widths: 64 or 128,64"),
+    ("--learning-rate", float, "Adam's learning rate"),
+    ("--patience", int, "epochs without a better validation loss before stopping"),
+    ("--seed", int, "the split's and the training's seed"),
+    ("--parity-atol", float, "ONNX Runtime and PyTorch may differ by this"),
+    ("--metric", str, "what approval compares: accuracy, macro_f1, log_loss"),
+    ("--margin", float, "how much the candidate must beat the champion by"),
+    ("--approve", str, "auto or manual"),
+    ("--min-rows", int, "the dataset's rows at least"),
+    ("--min-traffic-rows", int, "its labelled traffic rows at least"),
+)
+
+
+def _add_retrain_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the run's changes to the model's retrain settings (the models file)")
+    for flag, kind, what in _RETRAIN_FLAGS:
+        group.add_argument(flag, type=kind, help=what)
+
+
+def _retrain_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in _RETRAIN_FLAGS}
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -667,6 +748,50 @@ def _monitor_config(settings: Settings, args: argparse.Namespace) -> tuple[Any, 
     if args.model is None:
         result["models"] = monitored_models(path)
     return result, 0
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from retraining.pipeline import train_first
+
+    if args.dataset:
+        from retraining.builtin import load
+
+        frame, source = load(args.dataset), f"the built-in dataset '{args.dataset}'"
+    else:
+        from monitoring.profile import read_table
+
+        frame, source = read_table(args.data), str(args.data)
+    if args.rows is not None:
+        if args.rows < 1:
+            raise InvalidInput(f"--rows: expected a positive number of rows, got {args.rows}")
+        frame, source = frame.iloc[: args.rows].reset_index(drop=True), f"{source}, first {args.rows} rows"
+    return train_first(
+        settings, args.model, frame, args.label, source, _retrain_overrides(args), _progress
+    ), 0
+
+
+def _retrain(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from retraining import pipeline
+
+    overrides = _retrain_overrides(args)
+    if args.retrain_command == "dataset":
+        end = None
+        if args.end:
+            from monitoring.events import now_ms
+            from monitoring.logs import parse_time
+
+            end = parse_time(args.end, now_ms(), "--end")
+        trigger = pipeline.Trigger(args.trigger, args.reason, args.monitor_run, args.report, end, args.parent)
+        return pipeline.step_dataset(settings, args.model, trigger, overrides, _progress), 0
+    step = getattr(pipeline, f"step_{args.retrain_command}")
+    return step(settings, args.model, args.trigger, overrides, _progress), 0
+
+
+def _retrain_config(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from retraining.config import load_retrain_config
+
+    path = settings.deploy.models_file
+    return {"file": str(path), "settings": load_retrain_config(path, args.model).to_dict()}, 0
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

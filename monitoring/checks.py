@@ -26,7 +26,6 @@ does; a cooldown (from the previous windows' summaries) makes one incident one t
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import ConfigError
-from common.settings import read_models_file
+from common.settings import models_file_section, read_models_file
 from monitoring.detectors import Detectors
+from monitoring.expectations import validate, words
 from monitoring.profile import MMD_ROWS, FeatureProfile, Profile, encode, standardized
 from monitoring.statistics import jensen_shannon
 from monitoring.window import VersionWindow
@@ -92,23 +92,8 @@ def load_monitor_config(
 ) -> MonitorConfig:
     """The ``monitor`` sections of the models file: ``defaults``, the model's, then ``overrides``
     (a run's params; a None there leaves the setting as it is). Unknown keys are errors."""
-    data = read_models_file(path)
     known = {f.name for f in dataclasses.fields(MonitorConfig)}
-    merged: dict[str, Any] = {}
-    layers = [
-        (str(path), (data.get("defaults") or {}).get("monitor")),
-        (str(path), ((data.get("models") or {}).get(model) or {}).get("monitor") if model else None),
-        ("the run's params", {k: v for k, v in (overrides or {}).items() if v is not None}),
-    ]
-    for where, layer in layers:
-        if layer is None:
-            continue
-        if not isinstance(layer, dict):
-            raise ConfigError(f"{where}: 'monitor' must be a mapping, got {layer!r}")
-        unknown = sorted(set(layer) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown} in 'monitor' (known: {sorted(known)})")
-        merged.update(layer)
+    merged = models_file_section(path, "monitor", known, model, dict(overrides or {}))
     try:
         config = MonitorConfig(**merged)
         config.window_ms, config.cooldown_ms  # noqa: B018 - checked here, once
@@ -239,65 +224,26 @@ def _same(prediction: Any, label: Any) -> bool:
 
 def quality(window: VersionWindow, profile: Profile) -> list[Check]:
     """The version's GX suite on the window's rows; each failed expectation a tripped check."""
-    import os
-
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import logging
-
-    import great_expectations as gx
     import pandas as pd
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
     frame = pd.DataFrame({name: window.columns[name] for name in profile.names})
-    suite = gx.ExpectationSuite(
-        name=profile.suite.get("name", "profile"),
-        expectations=[
-            ExpectationConfiguration(type=e["type"], kwargs=e["kwargs"]).to_domain_obj()
-            for e in profile.suite.get("expectations", [])
-        ],
-    )
-    batch = (
-        context.data_sources.add_pandas("window")
-        .add_dataframe_asset("rows")
-        .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
     checks = []
-    for item in batch.validate(suite, result_format="SUMMARY").results:
-        config = item.expectation_config
-        column = config.kwargs.get("column", "")
-        kind = config.type.removeprefix("expect_column_").removeprefix("expect_")
-        share = float(item.result.get("unexpected_percent") or 0.0) / 100
-        mostly = config.kwargs.get("mostly", 1.0)
-        detail = f"'{column}': {_expectation_words(kind, config.kwargs)}"
-        if not item.success:
+    for outcome in validate(frame, profile.suite):
+        column, kind, share = outcome.column, outcome.kind, outcome.unexpected_share
+        detail = f"'{column}': {words(kind, outcome.kwargs)}"
+        if not outcome.success:
             unseen = _unseen(window.columns.get(column), profile, column) if "in_set" in kind else []
-            detail += f" failed: {share:.1%} of rows miss it (at most {1 - mostly:.1%} may)"
+            detail += f" failed: {share:.1%} of rows miss it (at most {1 - outcome.mostly:.1%} may)"
             if unseen:
                 detail += f"; unseen values {unseen}"
         else:
             detail += f" holds ({share:.1%} miss it)"
         checks.append(
-            Check("quality", f"{column}:{kind}", not item.success, detail, effect=share, effect_min=1 - mostly,
-                  figures={"expectation": config.type, "unexpected_share": share, "unexpected_examples":
-                           [_plain(v) for v in (item.result.get("partial_unexpected_list") or [])[:5]]})
+            Check("quality", f"{column}:{kind}", not outcome.success, detail, effect=share,
+                  effect_min=1 - outcome.mostly, figures={"expectation": outcome.type, "unexpected_share": share,
+                                                         "unexpected_examples": outcome.examples})
         )  # fmt: skip
     return checks
-
-
-def _expectation_words(kind: str, kwargs: Mapping[str, Any]) -> str:
-    if kind == "values_to_be_between":
-        return f"values between {kwargs.get('min_value'):.4g} and {kwargs.get('max_value'):.4g}"
-    if kind == "values_to_be_in_set":
-        return f"values in {kwargs.get('value_set')}"
-    if kind == "values_to_not_be_null":
-        return "values not null"
-    if kind == "to_exist":
-        return "column exists"
-    return kind.replace("_", " ")
 
 
 def _unseen(values: np.ndarray | None, profile: Profile, column: str) -> list[str]:
@@ -306,12 +252,6 @@ def _unseen(values: np.ndarray | None, profile: Profile, column: str) -> list[st
     known = set(profile.feature(column).categories)
     found = {v for v in values if v is not None and v not in known}
     return sorted(found)[:10]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
 
 
 # --- training-serving skew -------------------------------------------------------------------------

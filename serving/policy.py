@@ -92,11 +92,11 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
                 if value is not None:
                     merged["target"] = str(value)
                 continue
-            if key == "monitor":  # monitoring's section (monitoring/checks.py reads and checks it)
+            if key in ("monitor", "retrain"):  # their own domains read and check these sections
                 continue
             if key not in _SECTIONS:
                 raise ConfigError(
-                    f"{where}: unknown key '{key}' (known: {', '.join([*_SECTIONS, 'target', 'monitor'])})"
+                    f"{where}: unknown key '{key}' (known: {', '.join([*_SECTIONS, 'target', 'monitor', 'retrain'])})"
                 )
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
