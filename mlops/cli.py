@@ -257,11 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--end", metavar="WHEN", help="the window's end: an ISO time, or 10m (that long ago; default: now)"
     )
-    overrides = check.add_argument_group(
-        "the run's changes to the model's monitor settings (the models file)"
-    )
-    for flag, kind, what in _MONITOR_FLAGS:
-        overrides.add_argument(flag, type=kind, help=what)
+    _add_overrides(check, "monitor", _MONITOR_FLAGS)
     _add_store(check)
     check.set_defaults(handler=_monitor_run)
     config = monitor_commands.add_parser("config", help="a model's monitor settings, as the files make them")
@@ -278,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", metavar="NAME", help="a dataset shipped in an installed package: digits")
     train.add_argument("--label", default="label", metavar="COLUMN", help="the label column (default: label)")
     train.add_argument("--rows", type=int, metavar="N", help="only the first N rows")
-    _add_retrain_flags(train)
+    _add_overrides(train, "retrain", _RETRAIN_FLAGS)
     train.set_defaults(handler=_train)
 
     retrain = commands.add_parser(
@@ -286,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the retrain DAG's steps: dataset, validate, train, export, evaluate, register, approve",
     )
     retrain_commands = retrain.add_subparsers(dest="retrain_command", required=True, parser_class=_Parser)
-    from retraining.pipeline import STEPS
+    from retraining.config import STEPS
 
     for step, text in zip(STEPS, (
         "the parent's training rows plus the labelled traffic, hashed, into the trigger's MLflow run",
@@ -314,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--parent", metavar="VERSION", help="the version retrained (default: the champion)"
             )
-        _add_retrain_flags(sub)
+        _add_overrides(sub, "retrain", _RETRAIN_FLAGS)
         sub.set_defaults(handler=_retrain)
     retrain_config = retrain_commands.add_parser(
         "config", help="a model's retrain settings, as the files make them"
@@ -371,14 +367,20 @@ _RETRAIN_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
-def _add_retrain_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("the run's changes to the model's retrain settings (the models file)")
-    for flag, kind, what in _RETRAIN_FLAGS:
+def _add_overrides(
+    parser: argparse.ArgumentParser, section: str, flags: Sequence[tuple[str, type, str]]
+) -> None:
+    """A run's changes to one section of the models file, as flags."""
+    group = parser.add_argument_group(
+        f"the run's changes to the model's {section} settings (the models file)"
+    )
+    for flag, kind, what in flags:
         group.add_argument(flag, type=kind, help=what)
 
 
-def _retrain_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in _RETRAIN_FLAGS}
+def _overrides(args: argparse.Namespace, flags: Sequence[tuple[str, type, str]]) -> dict[str, Any]:
+    """The flags' values by setting name (None: the file's)."""
+    return {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in flags}
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -736,8 +738,7 @@ def _monitor_run(settings: Settings, args: argparse.Namespace) -> tuple[Any, int
         )
     now = now_ms()
     end = parse_time(args.end, now, "--end") if args.end else now
-    overrides = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in _MONITOR_FLAGS}
-    return monitor_window(settings, args.model, end, overrides, _progress), 0
+    return monitor_window(settings, args.model, end, _overrides(args, _MONITOR_FLAGS), _progress), 0
 
 
 def _monitor_config(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
@@ -766,14 +767,14 @@ def _train(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
             raise InvalidInput(f"--rows: expected a positive number of rows, got {args.rows}")
         frame, source = frame.iloc[: args.rows].reset_index(drop=True), f"{source}, first {args.rows} rows"
     return train_first(
-        settings, args.model, frame, args.label, source, _retrain_overrides(args), _progress
+        settings, args.model, frame, args.label, source, _overrides(args, _RETRAIN_FLAGS), _progress
     ), 0
 
 
 def _retrain(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     from retraining import pipeline
 
-    overrides = _retrain_overrides(args)
+    overrides = _overrides(args, _RETRAIN_FLAGS)
     if args.retrain_command == "dataset":
         end = None
         if args.end:

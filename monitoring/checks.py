@@ -36,7 +36,7 @@ import numpy as np
 from common.errors import ConfigError
 from common.settings import models_file_section, read_models_file
 from monitoring.detectors import Detectors
-from monitoring.expectations import validate, words
+from monitoring.expectations import validate
 from monitoring.profile import MMD_ROWS, FeatureProfile, Profile, encode, standardized
 from monitoring.statistics import jensen_shannon
 from monitoring.window import VersionWindow
@@ -65,11 +65,11 @@ class MonitorConfig:
 
     @property
     def window_ms(self) -> int:
-        return parse_duration(self.window, "window")
+        return parse_duration(self.window, "monitor window")
 
     @property
     def cooldown_ms(self) -> int:
-        return parse_duration(self.cooldown, "cooldown")
+        return parse_duration(self.cooldown, "monitor cooldown")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +83,7 @@ def parse_duration(text: str | int | float, what: str) -> int:
         return int(text * 1000)
     found = duration_ms(str(text))
     if found is None:
-        raise ConfigError(f"monitor {what}: expected a duration like 30m, 1h or 2d, got {text!r}")
+        raise ConfigError(f"{what}: expected a duration like 30m, 1h or 2d, got {text!r}")
     return found
 
 
@@ -230,14 +230,10 @@ def quality(window: VersionWindow, profile: Profile) -> list[Check]:
     checks = []
     for outcome in validate(frame, profile.suite):
         column, kind, share = outcome.column, outcome.kind, outcome.unexpected_share
-        detail = f"'{column}': {words(kind, outcome.kwargs)}"
-        if not outcome.success:
-            unseen = _unseen(window.columns.get(column), profile, column) if "in_set" in kind else []
-            detail += f" failed: {share:.1%} of rows miss it (at most {1 - outcome.mostly:.1%} may)"
-            if unseen:
-                detail += f"; unseen values {unseen}"
-        else:
-            detail += f" holds ({share:.1%} miss it)"
+        detail = outcome.words(examples=False)  # the unseen categories instead, when a domain is missed
+        if not outcome.success and "in_set" in kind:
+            unseen = _unseen(window.columns.get(column), profile, column)
+            detail += f"; unseen values {unseen}" if unseen else ""
         checks.append(
             Check("quality", f"{column}:{kind}", not outcome.success, detail, effect=share,
                   effect_min=1 - outcome.mostly, figures={"expectation": outcome.type, "unexpected_share": share,

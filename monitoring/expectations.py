@@ -39,8 +39,9 @@ class Outcome:
     def mostly(self) -> float:
         return float(self.kwargs.get("mostly", 1.0))
 
-    def words(self) -> str:
-        """``'amount': values not null failed: 2.0% of rows miss it (at most 0.0% may)``."""
+    def words(self, examples: bool = True) -> str:
+        """``'amount': values not null failed: 2.0% of rows miss it (at most 0.0% may)``, and a few
+        of the values that missed it when ``examples``."""
         what = (
             f"'{self.column}': {words(self.kind, self.kwargs)}"
             if self.column
@@ -53,7 +54,7 @@ class Outcome:
         text = (
             f"{what} failed: {self.unexpected_share:.1%} of rows miss it (at most {1 - self.mostly:.1%} may)"
         )
-        return text + (f"; e.g. {self.examples}" if self.examples else "")
+        return text + (f"; e.g. {self.examples}" if examples and self.examples else "")
 
 
 def validate(frame: Any, suite: Mapping[str, Any]) -> list[Outcome]:

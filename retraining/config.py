@@ -18,6 +18,7 @@ from common.settings import models_file_section
 
 METRICS = ("accuracy", "macro_f1", "log_loss")  # log_loss: lower is better
 APPROVALS = ("auto", "manual")
+STEPS = ("dataset", "validate", "train", "export", "evaluate", "register", "approve")  # the DAG's, in order
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class RetrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
+
+    @property
+    def window_ms(self) -> int:
+        from monitoring.checks import parse_duration
+
+        return parse_duration(self.window, "retrain window")
 
     @property
     def higher_is_better(self) -> bool:
@@ -86,7 +93,5 @@ def load_retrain_config(
         problems.append("parity_atol at least 0 and min_rows at least 1")
     if problems:
         raise ConfigError(f"{path}: retrain settings: {'; '.join(problems)}")
-    from monitoring.checks import parse_duration
-
-    parse_duration(config.window, "retrain window")
+    config.window_ms  # noqa: B018 - checked here, once
     return config

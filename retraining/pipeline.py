@@ -42,6 +42,7 @@ from monitoring.expectations import validate as run_suite
 from retraining.config import RetrainConfig, load_retrain_config
 from retraining.dataset import SOURCE, Dataset, assemble, canonical_csv, labelled_traffic
 from retraining.train import CandidateRefused
+from serving.transformer import Transformer
 
 Progress = Callable[[str], None]
 TRIGGER_TAG = "mlops.trigger"
@@ -49,7 +50,6 @@ MODEL_TAG = "mlops.model"
 VERSION_TAG = "mlops.version"  # on the run: the version it registered
 DATASET_TAG = "mlops.dataset"  # on a version: where its training rows are (runs:/<run>/dataset)
 CHAMPION = "champion"
-STEPS = ("dataset", "validate", "train", "export", "evaluate", "register", "approve")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,10 @@ class Retraining:
         self.settings, self.model, self.key = settings, model, trigger_key
         self.config: RetrainConfig = load_retrain_config(settings.deploy.models_file, model, overrides)
         self.client = MlflowClient(settings.mlflow_url)
-        self.cache = settings.state_dir / "retraining"
+        self.cache = (
+            settings.state_dir / "retraining"
+        )  # the versions fetched (the model server's cache format)
+        self._scratch = tempfile.TemporaryDirectory(prefix="retrain-")  # downloads and files to log
 
     # --- the run and its artifacts ------------------------------------------------------------
 
@@ -101,29 +104,31 @@ class Retraining:
 
     def read(self, run_id: str, name: str) -> Path:
         """An artifact of the run, downloaded (a file or a folder)."""
+        return self._download(
+            f"runs:/{run_id}/{name}",
+            f"retraining run {run_id} has no '{name}': run the step that makes it first",
+        )
+
+    def _download(self, uri: str, missing: str) -> Path:
+        """``uri`` into this job's scratch folder (gone with the job: a step's process)."""
         import mlflow
 
-        folder = Path(tempfile.mkdtemp(prefix="retrain-", dir=self._tmp()))
+        folder = tempfile.mkdtemp(dir=self._scratch.name)
         try:
             return Path(
                 mlflow.artifacts.download_artifacts(
-                    run_id=run_id,
-                    artifact_path=name,
-                    dst_path=str(folder),
-                    tracking_uri=self.settings.mlflow_url,
+                    artifact_uri=uri, dst_path=folder, tracking_uri=self.settings.mlflow_url
                 )
             )
         except Exception as exc:
-            raise ConfigError(
-                f"retraining run {run_id} has no '{name}': run the step that makes it first ({exc})"
-            ) from exc
+            raise ConfigError(f"{missing} ({exc})") from exc
 
     def read_json(self, run_id: str, name: str) -> Any:
         return json.loads(self.read(run_id, name).read_text())
 
     def write(self, run_id: str, folder: str, files: Mapping[str, Any]) -> None:
         """Files (bytes, text, JSON-able, or a Path) under ``folder`` of the run."""
-        with tempfile.TemporaryDirectory(dir=self._tmp()) as tmp:
+        with tempfile.TemporaryDirectory(dir=self._scratch.name) as tmp:
             for name, content in files.items():
                 path = Path(tmp) / name
                 if isinstance(content, Path):
@@ -140,16 +145,19 @@ class Retraining:
         self.client.set_tag(run_id, "mlops.failed", f"{step}: {reason}"[:5000])
         self.client.set_terminated(run_id, "FAILED")
 
-    def _tmp(self) -> Path:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        return self.cache
-
     def dataset(self, run_id: str) -> Dataset:
+        return self._dataset(
+            f"runs:/{run_id}/dataset",
+            f"retraining run {run_id} has no dataset: run `mlops retrain dataset` first",
+        )
+
+    def _dataset(self, where: str, missing: str) -> Dataset:
+        """A dataset as `dataset` logged it: the rows (labels and categories as text) and its summary."""
         import pandas as pd
 
-        summary = self.read_json(run_id, "dataset/summary.json")
+        summary = json.loads(self._download(f"{where}/summary.json", missing).read_text())
         frame = pd.read_csv(
-            self.read(run_id, "dataset/dataset.csv"), dtype={summary["label"]: str, SOURCE: str}
+            self._download(f"{where}/dataset.csv", missing), dtype={summary["label"]: str, SOURCE: str}
         )
         for name, kind in summary["kinds"].items():
             if kind == "categorical":
@@ -160,9 +168,6 @@ class Retraining:
 
     def version_url(self, version: str) -> str:
         return f"{self.settings.mlflow_url}/#/models/{self.model}/versions/{version}"
-
-    def run_url(self, run: Any) -> str:
-        return f"{self.settings.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
     # --- the parent version -------------------------------------------------------------------
 
@@ -184,8 +189,6 @@ class Retraining:
 
     def training_rows(self, version: str) -> Any:
         """The rows ``version`` was trained on, from where its tag ``mlops.dataset`` says."""
-        import pandas as pd
-
         try:
             tags = self.client.get_model_version(self.model, version).tags
         except Exception as exc:
@@ -198,24 +201,10 @@ class Retraining:
                 f"version {version} of '{self.model}' has no training data logged with it (tag {DATASET_TAG});"
                 " retraining starts from a version `mlops train` or `mlops retrain` registered"
             )
-        import mlflow
-
-        folder = Path(tempfile.mkdtemp(prefix="parent-", dir=self._tmp()))
-        summary = json.loads(
-            Path(
-                mlflow.artifacts.download_artifacts(
-                    f"{where}/summary.json", dst_path=str(folder), tracking_uri=self.settings.mlflow_url
-                )
-            ).read_text()
+        dataset = self._dataset(
+            where, f"version {version}'s training data ({DATASET_TAG} {where}) cannot be read"
         )
-        path = mlflow.artifacts.download_artifacts(
-            f"{where}/dataset.csv", dst_path=str(folder), tracking_uri=self.settings.mlflow_url
-        )
-        frame = pd.read_csv(path, dtype={summary["label"]: str})
-        for name, kind in summary["kinds"].items():
-            if kind == "categorical":
-                frame[name] = frame[name].astype(str)
-        return frame.drop(columns=[SOURCE], errors="ignore"), summary["label"]
+        return dataset.frame.drop(columns=[SOURCE], errors="ignore"), dataset.label
 
 
 # --- the steps ----------------------------------------------------------------------------------
@@ -224,7 +213,6 @@ class Retraining:
 def step_dataset(
     settings: Settings, model: str, trigger: Trigger, overrides: Mapping[str, Any] | None, progress: Progress
 ) -> dict[str, Any]:
-    from monitoring.checks import parse_duration
     from monitoring.events import now_ms
     from monitoring.logstore import get_log_store
     from monitoring.profile import column_kind
@@ -251,7 +239,7 @@ def step_dataset(
     if len(reference) > config.max_reference_rows:
         reference = reference.iloc[len(reference) - config.max_reference_rows :].reset_index(drop=True)
     end = trigger.end_ms or now_ms()
-    start = end - parse_duration(config.window, "retrain window")
+    start = end - config.window_ms
     progress(
         f"[1/7] dataset: version {parent}'s {len(reference)} training rows, and the labelled traffic of the {config.window} before the trigger"
     )
@@ -370,7 +358,7 @@ def step_validate(
 def step_train(
     settings: Settings, model: str, trigger_key: str, overrides: Mapping[str, Any] | None, progress: Progress
 ) -> dict[str, Any]:
-    from retraining.train import encode, fit, save_module, split, targets, transformer_spec
+    from retraining.train import device, encode, fit, save_module, split, targets, transformer_spec
 
     job = Retraining(settings, model, trigger_key, overrides)
     run_id = job.run().info.run_id
@@ -382,26 +370,25 @@ def step_train(
     train_rows, val_rows = frame.iloc[splits.train], frame.iloc[splits.val]
     categorical = [f["name"] for f in parent["features"] if f["type"] == "categorical"]
     spec = transformer_spec(train_rows, dataset.features, dataset.label, categorical)
-    known = set(spec["output"]["labels"])
-    spec["output"]["labels"] = [*spec["output"]["labels"], *(l for l in parent["labels"] if l not in known)]  # noqa: E741
+    learnt = spec["output"]["labels"]  # and the parent's labels this data lacks: the output keeps them all
+    spec["output"]["labels"] = [*learnt, *(label for label in parent["labels"] if label not in learnt)]
     classes = len(spec["output"]["labels"])
-    from retraining.train import device
-
+    transformer = Transformer.from_spec(spec)
     progress(
         f"[3/7] train: {len(splits.train)} rows, {len(splits.val)} for early stopping, {len(splits.test)} held out,"
         f" {len(splits.recent)} recent; an MLP {list(config.hidden)} on {device()}, seed {config.seed}"
     )
-    x_train, x_val = encode(spec, train_rows), encode(spec, val_rows)
+    x_train, x_val = encode(transformer, train_rows), encode(transformer, val_rows)
     module, history = fit(
         x_train,
-        targets(spec, train_rows[dataset.label]),
+        targets(transformer, train_rows[dataset.label]),
         x_val,
-        targets(spec, val_rows[dataset.label]),
+        targets(transformer, val_rows[dataset.label]),
         classes,
         config,
         progress,
     )
-    with tempfile.TemporaryDirectory(dir=job._tmp()) as tmp:
+    with tempfile.TemporaryDirectory(dir=job._scratch.name) as tmp:
         architecture = {"width": int(x_train.shape[1]), "hidden": list(config.hidden), "classes": classes}
         save_module(module, architecture, Path(tmp))
         job.write(run_id, "train", {"weights.pt": Path(tmp) / "weights.pt", "architecture.json": architecture,
@@ -434,9 +421,9 @@ def step_export(
     splits = job.read_json(run_id, "train/splits.json")
     module, architecture = load_module(job.read(run_id, "train"))
     rows = dataset.frame.iloc[splits["test"] + splits["recent"]]
-    x = encode(spec, rows)
+    x = encode(Transformer.from_spec(spec), rows)
     progress(f"[4/7] export: ONNX (opset 17), then ONNX Runtime against PyTorch on {len(x)} held-out rows")
-    with tempfile.TemporaryDirectory(dir=job._tmp()) as tmp:
+    with tempfile.TemporaryDirectory(dir=job._scratch.name) as tmp:
         path = export_onnx(module, architecture["width"], Path(tmp) / "model.onnx")
         check = parity(path, module, x, job.config.parity_atol)
         job.write(run_id, "export", {"model.onnx": path, "parity.json": check})
@@ -467,31 +454,28 @@ def step_evaluate(
     onnx_path = job.read(run_id, "export/model.onnx")
     sets = {"held_out": dataset.frame.iloc[splits["test"]], "recent": dataset.frame.iloc[splits["recent"]]}
     parent = run.data.tags.get("mlops.parent_version")
-    progress(
-        f"[5/7] evaluate: the candidate and the champion (version {parent}) on {len(sets['held_out'])} held-out and {len(sets['recent'])} recent rows"
-    )
-    result: dict[str, dict[str, Any]] = {"candidate": {}, "champion": {}}
-    for name, rows in sets.items():
-        truth = rows[dataset.label].tolist()
-        result["candidate"][name] = (
-            metrics(onnx_probabilities(onnx_path, encode(spec, rows)), truth, spec["output"]["labels"])
-            if len(rows)
-            else {"rows": 0}
-        )
+    models = {"candidate": (onnx_path, Transformer.from_spec(spec))}
     if parent:
         bundle = job.bundle(parent)
         if bundle.flavor != "onnx" or bundle.transformer is None:
             raise ConfigError(
                 f"the champion, version {parent}, is not an ONNX model with a transformer spec: it cannot be scored here"
             )
-        champion_spec = _full_spec(bundle.transformer)
+        models["champion"] = (bundle.model_file, bundle.transformer)
+    who = (
+        f"the candidate and the champion (version {parent})" if parent else "the candidate (no champion yet)"
+    )
+    progress(
+        f"[5/7] evaluate: {who} on {len(sets['held_out'])} held-out and {len(sets['recent'])} recent rows"
+    )
+    result: dict[str, dict[str, Any]] = {"candidate": {}, "champion": {}}
+    for role, (model_file, transformer) in models.items():
         for name, rows in sets.items():
-            truth = rows[dataset.label].tolist()
-            result["champion"][name] = (
+            result[role][name] = (
                 metrics(
-                    onnx_probabilities(bundle.model_file, encode(champion_spec, rows)),
-                    truth,
-                    champion_spec["output"]["labels"],
+                    onnx_probabilities(model_file, encode(transformer, rows)),
+                    rows[dataset.label],
+                    transformer.labels,
                 )
                 if len(rows)
                 else {"rows": 0}
@@ -511,14 +495,6 @@ def step_evaluate(
     return {"model": model, "run_id": run_id, "parent": parent, "metrics": result}
 
 
-def _full_spec(transformer: Any) -> dict[str, Any]:
-    return {
-        "version": 1, "input": transformer.input,
-        "features": [{"name": f.name, "type": f.type, "mean": f.mean, "scale": f.scale, "categories": list(f.categories)} for f in transformer.features],
-        "output": {"name": transformer.output, "labels": list(transformer.labels)},
-    }  # fmt: skip
-
-
 def step_register(
     settings: Settings, model: str, trigger_key: str, overrides: Mapping[str, Any] | None, progress: Progress
 ) -> dict[str, Any]:
@@ -532,29 +508,18 @@ def step_register(
     job = Retraining(settings, model, trigger_key, overrides)
     run = job.run()
     run_id, tags = run.info.run_id, run.data.tags
-    if tags.get(VERSION_TAG):
-        version = tags[VERSION_TAG]
+    version = tags.get(VERSION_TAG)
+    if not version:  # registered, and the run's tag lost: the same version, tagged again
+        already = job.client.search_model_versions(
+            f"name = '{_quoted(model)}' and tags.`{TRIGGER_TAG}` = '{_quoted(trigger_key)}'"
+        )
+        if already:
+            version = str(already[0].version)
+            job.client.set_tag(run_id, VERSION_TAG, version)
+    if version:
         progress(f"[6/7] register: the trigger's candidate is version {version} already")
-        return {
-            "model": model,
-            "run_id": run_id,
-            "version": version,
-            "registered": False,
-            "links": {"version": job.version_url(version)},
-        }
-    already = job.client.search_model_versions(
-        f"name = '{_quoted(model)}' and tags.`{TRIGGER_TAG}` = '{_quoted(trigger_key)}'"
-    )
-    if already:  # registered, and the run's tag lost: the same version, tagged again
-        version = str(already[0].version)
-        job.client.set_tag(run_id, VERSION_TAG, version)
-        return {
-            "model": model,
-            "run_id": run_id,
-            "version": version,
-            "registered": False,
-            "links": {"version": job.version_url(version)},
-        }
+        return {"model": model, "run_id": run_id, "version": version, "registered": False,
+                "links": {"version": job.version_url(version)}}  # fmt: skip
     dataset = job.dataset(run_id)
     spec = job.read_json(run_id, "train/transformer.json")
     splits = job.read_json(run_id, "train/splits.json")
@@ -595,7 +560,7 @@ def step_register(
     train_rows = dataset.frame.iloc[splits["train"]]
     profile = build_profile(model, version, pd.DataFrame(train_rows[[*dataset.features, dataset.label]]), label=dataset.label,
                             source=f"the training split of dataset {dataset.sha256[:16]} (retraining run {run_id})")  # fmt: skip
-    with tempfile.TemporaryDirectory(dir=job._tmp()) as tmp:
+    with tempfile.TemporaryDirectory(dir=job._scratch.name) as tmp:
         stored = store_profile(profile, settings.mlflow_url, settings.monitor.experiment, Path(tmp))
     job.client.set_tag(run_id, VERSION_TAG, version)
     progress(f"    version {version}, profile {stored['uri']}")

@@ -100,9 +100,8 @@ def split(sources: Sequence[str], config: RetrainConfig) -> Splits:
     return Splits(sorted(train.tolist()), sorted(val.tolist()), sorted(test.tolist()), recent)
 
 
-def encode(spec: dict, frame: Any) -> np.ndarray:
+def encode(transformer: Transformer, frame: Any) -> np.ndarray:
     """Raw named feature columns -> the model's input tensor, as the model server encodes them."""
-    transformer = Transformer.from_spec(spec)
     columns = {}
     for feature in transformer.features:
         if feature.name not in frame.columns:
@@ -117,9 +116,9 @@ def encode(spec: dict, frame: Any) -> np.ndarray:
     return tensors[transformer.input]
 
 
-def targets(spec: dict, labels: Any) -> np.ndarray:
-    """Labels -> class positions in the spec's label order (-1 for a label it does not have)."""
-    index = {label: i for i, label in enumerate(spec["output"]["labels"])}
+def targets(transformer: Transformer, labels: Any) -> np.ndarray:
+    """Labels -> class positions in the transformer's label order (-1 for a label it does not have)."""
+    index = {label: i for i, label in enumerate(transformer.labels)}
     return np.asarray([index.get(str(label), -1) for label in labels], dtype=np.int64)
 
 

@@ -20,6 +20,7 @@ from retraining.train import (
     targets,
     transformer_spec,
 )
+from serving.transformer import Transformer
 
 
 def test_split_keeps_the_newest_traffic_out_of_training():
@@ -36,7 +37,8 @@ def test_a_short_fit_learns_digits_and_its_onnx_export_agrees(tmp_path):
     features = [c for c in frame.columns if c != "label"]
     spec = transformer_spec(frame.iloc[:400], features, "label")
     assert spec["output"]["labels"] == [str(d) for d in range(10)]
-    x, y = encode(spec, frame), targets(spec, frame["label"])
+    transformer = Transformer.from_spec(spec)
+    x, y = encode(transformer, frame), targets(transformer, frame["label"])
     module, history = fit(
         x[:400], y[:400], x[400:500], y[400:500], 10, RetrainConfig(epochs=60, patience=10), lambda _: None
     )
@@ -46,7 +48,7 @@ def test_a_short_fit_learns_digits_and_its_onnx_export_agrees(tmp_path):
     assert check["passed"] and check["max_abs_diff"] <= 1e-4
     scores = metrics(onnx_probabilities(path, x[500:]), frame["label"][500:], spec["output"]["labels"])
     assert scores["accuracy"] > 0.75  # 100 rows, 400 trained on
-    shifted = encode(spec, shift_right(frame.iloc[500:]))
+    shifted = encode(transformer, shift_right(frame.iloc[500:]))
     worse = metrics(onnx_probabilities(path, shifted), frame["label"][500:], spec["output"]["labels"])
     assert worse["accuracy"] < scores["accuracy"] - 0.2  # the demo's drift hurts the model
     with pytest.raises(AssertionError):  # a graph whose weights moved is refused by the check
