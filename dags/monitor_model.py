@@ -32,16 +32,12 @@ import pendulum
 from airflow.sdk import DAG, Asset, AssetAlias, Param, task
 
 from mlops_airflow import MlopsReportOperator
-from mlops_airflow.models_file import models_file, read_models, section, setting_help
+from mlops_airflow.models_file import enabled_models, models_file, read_models, section, setting_help
 
 MODELS = read_models()
 DEFAULTS = section(MODELS, "monitor")
 SCHEDULE = DEFAULTS.get("schedule") or "@hourly"
-MONITORED = sorted(
-    name
-    for name in MODELS.get("models") or {}
-    if section(MODELS, "monitor", name).get("enabled", DEFAULTS.get("enabled", True))
-)
+MONITORED = enabled_models(MODELS, "monitor")
 DRIFT = AssetAlias("mlops-model-drift")  # each event names its model's asset: mlops://models/<model>/drift
 
 # The settings a run may change: (param, flag, JSON type, what).

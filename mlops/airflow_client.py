@@ -106,9 +106,10 @@ class AirflowClient:
 
     def asset_events(self, uri: str, limit: int = 10) -> tuple[str | None, list[dict[str, Any]]]:
         """The asset's page in the Airflow UI, and its newest events (None, [] if it has none yet)."""
-        assets = self._call("GET", "/api/v2/assets", params={"uri_pattern": uri, "limit": 100}).json()[
-            "assets"
-        ]
+        # Inactive ones too: an asset that only an alias's event named, and no DAG schedules on,
+        # is made inactive by the scheduler's next clean-up, its events kept.
+        params = {"uri_pattern": uri, "limit": 100, "only_active": False}
+        assets = self._call("GET", "/api/v2/assets", params=params).json()["assets"]
         found = next((a for a in assets if a["uri"] == uri), None)
         if found is None:
             return None, []

@@ -256,7 +256,7 @@ def step_dataset(
     run_id = open_run(job, trigger, existing, dataset, summary, _spec(job.bundle(parent), parent), parent)
     return {"action": "train", "model": model, "run_id": run_id, "parent": parent, "trigger": trigger.key,
             "dataset": {k: summary[k] for k in ("rows", "rows_by_source", "sha256")},
-            "links": {"version": job.version_url(parent)}}  # fmt: skip
+            "links": {"version": job.version_url(parent), **({"report": trigger.report} if trigger.report else {})}}  # fmt: skip
 
 
 def open_run(
@@ -714,7 +714,8 @@ def train_first(
 
     if label not in frame.columns:
         raise InvalidInput(f"--label: the data has no column '{label}' (it has {list(frame.columns)[:20]})")
-    overrides = {**(overrides or {}), "label": label}
+    # A first version has no traffic: the model's minimum of labelled traffic is for retraining.
+    overrides = {**(overrides or {}), "label": label, "min_traffic_rows": 0}
     dataset = assemble(frame, frame.iloc[0:0], label)
     trigger = Trigger(key=f"first:{dataset.sha256}", reason=f"first version, trained on {source}")
     job = Retraining(settings, model, trigger.key, overrides)

@@ -44,3 +44,15 @@ def setting_help(models: dict[str, Any], name: str, key: str) -> str:
     per_model = "; ".join(f"{model}: {value}" for model, value in own.items())
     default = section(models, name).get(key)
     return f"empty: the model's setting (default {default}{'; ' + per_model if per_model else ''})"
+
+
+def drift_uri(model: str) -> str:
+    """The asset a model's tripped monitoring window raises (monitoring.monitor.drift_asset's URI,
+    written again here because the DAG files never import the runtime)."""
+    return f"mlops://models/{model}/drift"
+
+
+def enabled_models(models: dict[str, Any], name: str) -> list[str]:
+    """The models a DAG covers: every model of the file whose section ``name`` is enabled."""
+    default = section(models, name).get("enabled", True)
+    return sorted(m for m in models.get("models") or {} if section(models, name, m).get("enabled", default))

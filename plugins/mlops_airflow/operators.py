@@ -39,8 +39,9 @@ class _RunsMlops:
     log: Any
     _process: subprocess.Popen[str] | None = None
 
-    def _configure(self, arguments: Sequence[str], mlops_conn_id: str, env: dict[str, str] | None) -> None:
-        self.arguments = list(arguments)
+    def _configure(self, arguments: Any, mlops_conn_id: str, env: dict[str, str] | None) -> None:
+        # A list (templated strings), or an XComArg an upstream task fills with the list at run time.
+        self.arguments = list(arguments) if isinstance(arguments, list | tuple) else arguments
         self.mlops_conn_id = mlops_conn_id
         self.env = dict(env or {})
         self._process = None
@@ -153,8 +154,9 @@ class _RunsMlops:
 class MlopsOperator(_RunsMlops, BaseOperator):
     """Run ``mlops <arguments>`` and push its JSON result to XCom.
 
-    :param arguments: the command line after ``mlops`` (templated); arguments that render to an
-        empty string are dropped, so a Jinja conditional can add or leave out a flag.
+    :param arguments: the command line after ``mlops`` (templated, or an upstream task's XComArg);
+        arguments that render to an empty string are dropped, so a Jinja conditional can add or
+        leave out a flag.
     :param mlops_conn_id: the runtime connection (launcher, interpreter or image, env).
     :param env: extra MLOPS_* settings for this command (templated).
     :param links: show the task's links (canary report, MLflow version, model server metrics) that
@@ -167,7 +169,7 @@ class MlopsOperator(_RunsMlops, BaseOperator):
     def __init__(
         self,
         *,
-        arguments: Sequence[str],
+        arguments: Sequence[str] | Any,
         mlops_conn_id: str = DEFAULT_CONN_ID,
         env: dict[str, str] | None = None,
         links: bool = False,

@@ -83,3 +83,18 @@ def test_monitor_model_is_scheduled_per_the_models_file_and_raises_drift_through
     help_text = dag.params.get_param("window").description
     assert "default 1h" in help_text and "demo-fraud: 10m" in help_text  # from config/models.yaml
     assert "demo-fraud" in dag.params.get_param("model").description
+
+
+def test_retrain_model_is_scheduled_on_the_drift_of_each_model_the_file_retrains(dagbag):
+    dag = dagbag.dags["retrain_model"]
+    uris = {asset.uri for asset in dag.timetable.asset_condition.objects}
+    assert uris == {"mlops://models/digits/drift"}  # demo-fraud: retrain.enabled false in config/models.yaml
+    steps = ["dataset", "validate", "train", "export", "evaluate", "register", "approve"]
+    assert [t.task_id for t in dag.get_task("validate").upstream_list if t.task_id != "request"] == ["go"]
+    for before, after in zip(steps[1:], steps[2:], strict=False):
+        assert before in {t.task_id for t in dag.get_task(after).upstream_list}
+    assert {link.name for link in dag.get_task("approve").operator_extra_links} >= {"MLflow model version"}
+    params = dag.params
+    assert params.get_param("margin").schema["type"] == ["null", "number"]
+    assert "default 0.02" in params.get_param("margin").description
+    assert "digits: 100" in params.get_param("min_traffic_rows").description
