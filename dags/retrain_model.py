@@ -91,13 +91,26 @@ def _from_event(event: Any) -> dict[str, Any]:
     })  # fmt: skip
 
 
+def triggers(events: list[Any]) -> list[dict[str, Any]]:
+    """One trigger per model among a run's events, oldest model first: its newest tripped window
+    (one event can be listed more than once: under its asset and under the alias it came by)."""
+    newest: dict[str, Any] = {}
+    for event in sorted(events, key=lambda event: str(event.timestamp)):
+        model = (event.extra or {}).get("model")
+        if model:
+            newest.setdefault(model, event)
+            if str(event.timestamp) >= str(newest[model].timestamp):
+                newest[model] = event
+    return [_from_event(event) for event in newest.values()]
+
+
 with DAG(
     dag_id="retrain_model",
     description="drift event -> dataset, validate, train, export + parity, evaluate, register with lineage -> approval by policy",
     schedule=AssetAny(*DRIFTS) if DRIFTS else None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=2,
+    max_active_runs=1,  # one candidate at a time: the same trigger twice finds the first's version
     tags=["mlops", "retrain"],
     doc_md=__doc__,
     params={
@@ -120,11 +133,7 @@ with DAG(
         if params.get("model"):
             wanted = [_request(params)]
         else:
-            events = sorted(
-                (e for batch in (triggering_asset_events or {}).values() for e in batch),
-                key=lambda event: str(event.timestamp),
-            )
-            wanted = [_from_event(event) for event in events if (event.extra or {}).get("model")]
+            wanted = triggers([e for batch in (triggering_asset_events or {}).values() for e in batch])
         if not wanted:
             raise ValueError(
                 "no model: set 'model' in the form, or let a drift event from monitor_model start the run"

@@ -1,11 +1,10 @@
-"""`mlops demo`: the README's main job: the stack up, then every part of the loop that exists, once.
+"""`mlops demo`: the README's main job: the stack up, then the whole loop, once, through Airflow.
 
-Today that is:
 1. MLflow, Airflow and the model server up and healthy;
-2. an example model registered in MLflow (an MLP whose transformer takes named raw features): a
-   first version, then each run two new candidates, one good and one deliberately bad (it answers
-   NaN for a fifth of its inputs);
-3. the first version deployed from the registry as stable (the `champion`), answering predictions;
+2. an example fraud model registered in MLflow (an MLP whose transformer takes named raw
+   features): a first version, then each run two new candidates, one good and one deliberately
+   bad (it answers NaN for a fifth of its inputs);
+3. its first version deployed from the registry as stable (the `champion`), answering predictions;
 4. with an application's requests flowing all the time: the good candidate approved in MLflow
    (the `challenger` alias, set through MLflow's REST API, and the approval tag too: seen twice,
    deployed once); the `deploy_model` DAG, started by the registry watcher, takes it through the
@@ -14,14 +13,13 @@ Today that is:
    no request of the application failed;
 6. every one of those predictions found in the inference log, and labels sent later joined to
    their predictions;
-7. monitoring: each version was profiled from its training data when it was registered; the
-   application sends a clean stretch of traffic, then one with `age_days` shifted by half a
-   standard deviation; the `monitor_model` DAG checks each stretch as a window: the clean one
-   passes, the shifted one trips, names the feature, links its report from the MLflow version and
-   raises the asset event `mlops://models/demo-fraud/drift` (seen in the Airflow UI's assets);
-8. one DAG run through Airflow reaching the runtime environment through the mlops operator
+7. to 9. the closed loop on a model trained on the shipped digits (mlops/demo_loop.py): trained,
+   approved and deployed; its traffic moves; `monitor_model` trips; the drift event schedules
+   `retrain_model`, which registers and approves a better version; `deploy_model` takes it
+   through the canary to 100 %;
+10. one DAG run through Airflow reaching the runtime environment through the mlops operator
    (`check_runtime`: GPU, ONNX Runtime providers, the MLflow registry).
-The retrain DAG, when it lands, adds its step.
+It ends with a timeline: each step, the seconds since the start, its DAG run and its links.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -46,10 +44,40 @@ CHECK_DAG = "check_runtime"
 DEPLOY_DAG = "deploy_model"
 MONITOR_DAG = "monitor_model"
 DEMO_MODEL = "demo-fraud"
-STEPS = 8
-WINDOW_ROWS = 1000  # rows of traffic in each monitored stretch
-SHIFT_DAYS = 220.0  # half the standard deviation of age_days (uniform on 0..1500: 433)
+STEPS = 10
 ROLLOUT_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Timeline:
+    """What happened when: each step's seconds since the demo began, and its links."""
+
+    began: float = field(default_factory=time.monotonic)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, what: str, **links: str | None) -> dict[str, Any]:
+        """The step, done now; its entry (a link known later is added to it)."""
+        self.steps.append(
+            {
+                "step": what,
+                "at_s": round(time.monotonic() - self.began, 1),
+                **{k: v for k, v in links.items() if v},
+            }
+        )
+        return self.steps[-1]
+
+    @staticmethod
+    def numbered(number: int) -> str:
+        return f"[{number}/{STEPS}]"
+
+    def lines(self) -> list[str]:
+        out = []
+        for item in self.steps:
+            out.append(f"  {item['at_s']:7.1f} s  {item['step']}")
+            out += [
+                f"             {key}: {value}" for key, value in item.items() if key not in ("step", "at_s")
+            ]
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,23 +91,27 @@ class DemoResult:
     serving: dict[str, Any]
     rollouts: dict[str, Any]
     inference_log: dict[str, Any]
-    monitoring: dict[str, Any]
+    loop: dict[str, Any]
     check_runtime: dict[str, Any]
     stack_started: list[str]
+    timeline: list[dict[str, Any]]
 
 
 def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | None = None) -> DemoResult:
+    from mlops.demo_loop import closed_loop
     from serving.targets import get_deployment_target
 
-    begun = time.monotonic()
+    timeline = Timeline()
+    step = timeline.numbered
     began_ms = time.time_ns() // 1_000_000
-    progress(f"[1/{STEPS}] starting the stack (MLflow, Airflow, model server)")
+    progress(f"{step(1)} starting the stack (MLflow, Airflow, model server)")
     status = Supervisor(settings, build_components(settings), progress).up(ttl_s=ttl_s)
     login, password = status.airflow_login, airflow_password(settings)
     if login is None or password is None:
         raise MLOpsError("Airflow is up but its admin login was not written; see the api-server log")
+    timeline.add("the stack is up", airflow=settings.airflow_url, mlflow=settings.mlflow_url)
 
-    progress(f"[2/{STEPS}] registering versions of '{DEMO_MODEL}' in MLflow at {settings.mlflow_url}")
+    progress(f"{step(2)} registering versions of '{DEMO_MODEL}' in MLflow at {settings.mlflow_url}")
     first, good, bad = register_examples(settings.mlflow_url, DEMO_MODEL)
     progress(
         f"    first {first}, candidates {good} (good) and {bad} (bad): {settings.mlflow_url}/#/models/{DEMO_MODEL}"
@@ -88,12 +120,10 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     target = get_deployment_target(settings.deployment_target, settings)
     serving_now = _serving_stable(target)  # a demo run before this one left its champion serving
     stable = serving_now or first
-    progress(
-        f"[3/{STEPS}] version {stable} from the registry as stable (champion), at {settings.serving_url}"
-    )
+    progress(f"{step(3)} version {stable} from the registry as stable (champion), at {settings.serving_url}")
     if serving_now is None:
         target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
-        _mlflow(
+        mlflow_call(
             settings.mlflow_url,
             "POST",
             "registered-models/alias",
@@ -103,6 +133,9 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         )
     sample_answer = predict(settings.serving_url, DEMO_MODEL, example_rows(3))
     sample = sample_answer["predictions"]
+    timeline.add(
+        f"{DEMO_MODEL} version {stable} serving", model=f"{settings.mlflow_url}/#/models/{DEMO_MODEL}"
+    )
 
     rollouts: dict[str, Any] = {}
     with (
@@ -113,37 +146,38 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         airflow.unpause(DEPLOY_DAG)  # the embedded stack creates DAGs unpaused; a stack of yours may not
         for number, (name, version) in enumerate((("good", good), ("bad", bad)), start=4):
             progress(
-                f"[{number}/{STEPS}] approving version {version} ({name}) in MLflow: alias 'challenger' and tag approval=approved"
+                f"{step(number)} approving version {version} ({name}) in MLflow: alias 'challenger' and tag approval=approved"
             )
-            rollouts[name] = approve_and_follow(settings, airflow, version, progress)
+            rollouts[name] = approve_and_follow(settings, airflow, DEMO_MODEL, version, progress)
             outcome = rollouts[name]
             progress(
                 f"    version {version}: {outcome['outcome']} ({outcome['reason'] or 'every step passed'});"
                 f" run started {outcome['started_after_s']} s after the approval, ended after {outcome['ended_after_s']} s"
             )
             progress(f"    canary report: {outcome['report']}")
+            timeline.add(
+                f"{DEMO_MODEL} version {version} ({name}): {outcome['outcome']}",
+                run=outcome["run"],
+                report=outcome["report"],
+            )
         sent, failed = traffic.stop()
     progress(f"    the application's requests meanwhile: {sent} sent, {failed} failed")
     if failed:
         raise MLOpsError(f"{failed} of {sent} application requests failed during the rollouts")
 
     progress(
-        f"[6/{STEPS}] the inference log at {settings.log_store_url}: every prediction, and labels joined later"
+        f"{step(6)} the inference log at {settings.log_store_url}: every prediction, and labels joined later"
     )
     logged = inference_log(settings, began_ms, sample_answer["request_id"], len(sample) + sent)
     progress(
         f"    {logged['events']} events by version {logged['by_version']}; labels joined: {logged['labelled']}"
     )
+    timeline.add(f"{logged['events']} predictions found in the inference log", store=settings.log_store_url)
 
-    stable_now = _serving_stable(target) or stable
-    progress(
-        f"[7/{STEPS}] monitoring version {stable_now}: a clean stretch of traffic, then one with age_days"
-        f" shifted by {SHIFT_DAYS:.0f} days; {MONITOR_DAG} checks each as a window"
-    )
     with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
-        monitoring = monitor_demo(settings, airflow, stable_now, progress)
+        loop = closed_loop(settings, airflow, timeline, progress)
 
-    progress(f"[8/{STEPS}] running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
+    progress(f"{step(10)} running DAG '{CHECK_DAG}' through Airflow at {settings.airflow_url}")
     with AirflowClient(settings.airflow_url, login["user"], password.get_secret_value()) as airflow:
         airflow.wait_for_dag(CHECK_DAG)
         airflow.unpause(CHECK_DAG)
@@ -152,9 +186,13 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         if run.state != "success":
             raise MLOpsError(f"DAG run {run.url} ended {run.state} (tasks: {tasks}); see its task logs")
         report = airflow.xcom(run, "doctor")
+    timeline.add("check_runtime: the runtime reached from Airflow", run=run.url)
 
+    progress("the timeline (seconds since the start):")
+    for line in timeline.lines():
+        progress(line)
     return DemoResult(
-        wall_s=round(time.monotonic() - begun, 1),
+        wall_s=round(time.monotonic() - timeline.began, 1),
         mlflow_url=settings.mlflow_url,
         airflow_url=settings.airflow_url,
         serving_url=settings.serving_url,
@@ -168,42 +206,47 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
         },
         rollouts=rollouts,
         inference_log=logged,
-        monitoring=monitoring,
+        loop=loop,
         check_runtime={"run": run.url, "state": run.state, "tasks": tasks, "result": report},
         stack_started=status.started,
+        timeline=timeline.steps,
     )
 
 
 def approve_and_follow(
-    settings: Settings, airflow: AirflowClient, version: str, progress: Callable[[str], None]
+    settings: Settings,
+    airflow: AirflowClient,
+    model: str,
+    version: str,
+    progress: Callable[[str], None],
+    approve: bool = True,
+    known: set[str] | None = None,
 ) -> dict[str, Any]:
     """Approve ``version`` as a data scientist would (through MLflow's REST API, twice over), then
-    follow the deploy run the registry watcher starts for it to its end."""
-    known = {run.run_id for run in airflow.runs(DEPLOY_DAG)}
+    follow the deploy run the registry watcher starts for it to its end. ``approve=False``: the
+    version was approved already (by the retraining's policy); ``known``: the deploy runs there
+    were before that approval."""
+    known = known if known is not None else {run.run_id for run in airflow.runs(DEPLOY_DAG)}
     approved = time.monotonic()
-    _mlflow(
-        settings.mlflow_url,
-        "POST",
-        "registered-models/alias",
-        name=DEMO_MODEL,
-        alias="challenger",
-        version=version,
-    )
-    _mlflow(
-        settings.mlflow_url,
-        "POST",
-        "model-versions/set-tag",
-        name=DEMO_MODEL,
-        version=version,
-        key="approval",
-        value="approved",
-    )
+    if approve:
+        mlflow_call(
+            settings.mlflow_url,
+            "POST",
+            "registered-models/alias",
+            name=model,
+            alias="challenger",
+            version=version,
+        )
+        mlflow_call(
+            settings.mlflow_url, "POST", "model-versions/set-tag", name=model, version=version,
+            key="approval", value="approved",
+        )  # fmt: skip
     deadline = approved + ROLLOUT_TIMEOUT_S
     run = None
     while run is None:
         fresh = [r for r in airflow.runs(DEPLOY_DAG) if r.run_id not in known]
         if fresh:
-            run = fresh[0]
+            run = fresh[-1]  # the oldest new one
         elif time.monotonic() > deadline:
             raise MLOpsError(
                 f"no {DEPLOY_DAG} run started within {ROLLOUT_TIMEOUT_S:.0f} s of approving version {version}"
@@ -225,7 +268,7 @@ def approve_and_follow(
         "outcome": finished["outcome"],
         "reason": finished["reason"],
         "steps": finished["steps"],
-        "report": finished["report"]["url"],
+        "report": (finished.get("report") or {}).get("url"),
         "started_after_s": round(started_after, 1),
         "ended_after_s": round(ended_after, 1),
         "extra_runs": len(again),  # an approval seen twice must start one run
@@ -277,7 +320,7 @@ def _serving_stable(target: Any) -> str | None:
     return stable.version if stable else None
 
 
-def _mlflow(url: str, method: str, path: str, **body: Any) -> dict[str, Any]:
+def mlflow_call(url: str, method: str, path: str, **body: Any) -> dict[str, Any]:
     """One call of MLflow's REST API, as any client (the MLflow UI included) makes it."""
     response = httpx.request(method, f"{url}/api/2.0/mlflow/{path}", json=body, timeout=30)
     if response.status_code != 200:
@@ -285,97 +328,20 @@ def _mlflow(url: str, method: str, path: str, **body: Any) -> dict[str, Any]:
     return response.json()
 
 
-def monitor_demo(
-    settings: Settings, airflow: AirflowClient, version: str, progress: Callable[[str], None]
-) -> dict[str, Any]:
-    """Two stretches of traffic, clean then shifted, each checked by a monitor_model run as its window."""
-    from monitoring.monitor import drift_asset
-
-    _profile(settings.mlflow_url, DEMO_MODEL, version)  # a champion from before profiles: made now
-    airflow.wait_for_dag(MONITOR_DAG)
-    airflow.unpause(MONITOR_DAG)
-    stretches = {}
-    for name, shift in (("clean", 0.0), ("shifted", SHIFT_DAYS)):
-        start = time.time_ns() // 1_000_000
-        rows = example_rows(WINDOW_ROWS, seed=11 if shift else 10)
-        for row in rows:
-            row["age_days"] += shift
-        for first in range(0, len(rows), 50):
-            predict(settings.serving_url, DEMO_MODEL, rows[first : first + 50])
-        end = time.time_ns() // 1_000_000 + 1
-        _wait_logged(settings, start, end, len(rows))
-        stretches[name] = (start, end)
-    results = {}
-    for name, (start, end) in stretches.items():
-        conf = {
-            "model": DEMO_MODEL,
-            "end": _iso(end),
-            "window": f"{(end - start) / 1000:.3f}s",
-            "cooldown": "0s",
-        }
-        run = airflow.wait_for_run(airflow.trigger(MONITOR_DAG, conf), progress=progress)
-        if run.state != "success":
-            raise MLOpsError(f"DAG run {run.url} ended {run.state} (tasks: {airflow.task_states(run)})")
-        checked = airflow.xcom(run, "check", map_index=0)
-        raised = airflow.xcom(run, "trigger")["raised"]
-        results[name] = {
-            "run": run.url,
-            "decision": checked["decision"],
-            "reason": checked["reason"],
-            "tripped": checked["tripped"],
-            "report": checked["links"]["report"],
-            "raised": raised,
-        }
-        progress(f"    {name} window: {checked['decision']}: {checked['reason'][:300]}")
-        progress(f"    report: {checked['links']['report']}")
-    clean, shifted = results["clean"], results["shifted"]
-    if clean["decision"] != "ok" or clean["raised"]:
-        raise MLOpsError(f"the clean window was not passed: {clean['decision']}: {clean['reason']}")
-    if "skew:age_days" not in shifted["tripped"] or not shifted["raised"]:
-        raise MLOpsError(
-            f"the shifted window did not trip on age_days: {shifted['decision']}: {shifted['reason']}"
-        )
-    deadline = time.monotonic() + 30  # the event is the trigger task's; the API may show it a moment later
-    while True:
-        page, events = airflow.asset_events(drift_asset(DEMO_MODEL))
-        if [
-            e for e in events if (e.get("extra") or {}).get("report") == shifted["report"]
-        ] or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    events = [e for e in events if (e.get("extra") or {}).get("report") == shifted["report"]]
-    if not events:
-        raise MLOpsError(f"no event on {drift_asset(DEMO_MODEL)} after the shifted window tripped")
-    extra = events[0].get("extra") or {}
-    progress(
-        f"    asset event on {drift_asset(DEMO_MODEL)}: {extra.get('tripped')}; in the Airflow UI: {page}"
-    )
-    tags = _mlflow(settings.mlflow_url, "GET", f"model-versions/get?name={DEMO_MODEL}&version={version}")
-    linked = {t["key"]: t["value"] for t in tags["model_version"].get("tags", [])}.get("monitoring.report")
-    return {
-        "version": version,
-        "windows": results,
-        "asset": drift_asset(DEMO_MODEL),
-        "asset_page": page,
-        "asset_event": extra,
-        "version_report": linked,
-    }
-
-
-def _iso(ms: int) -> str:
+def iso(ms: int) -> str:
     import datetime as dt
 
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _wait_logged(settings: Settings, start: int, end: int, expected: int) -> None:
+def wait_logged(settings: Settings, model: str, start: int, end: int, expected: int) -> None:
     from monitoring.logstore import get_log_store
 
     store = get_log_store(settings.log_store_url, **settings.log_store_options())
     deadline = time.monotonic() + 60
     while True:
         store.refresh()
-        found = store.count(DEMO_MODEL, start, end)
+        found = store.count(model, start, end)
         if found >= expected:
             return
         if time.monotonic() > deadline:

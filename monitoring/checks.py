@@ -11,9 +11,9 @@ For each version that answered in the window (``check_version``):
   test flags trivial shifts (evidently#50): the effect size is what keeps them quiet;
 - **multivariate**: an MMD test on a seeded sample of the window's numeric features (the same
   two-sided rule: p-value and MMD² both past their thresholds);
-- **drift** (window vs the previous windows): each feature's histogram, and the predictions',
-  against the previous windows' pooled, by chi-square and Jensen-Shannon distance (the previous
-  windows keep histograms, not rows);
+- **drift** (window vs the previous windows that did not trip): each feature's histogram, and the
+  predictions', against the previous windows' pooled, by chi-square and Jensen-Shannon distance
+  (the previous windows keep histograms, not rows);
 - **outliers**: the share of rows whose Mahalanobis score is past the reference's 99th
   percentile, against the 1 % expected (one-sided binomial test, and at least the threshold);
 - **performance**: where labels came back, accuracy against the previous windows' (one-sided
@@ -386,8 +386,14 @@ def drift(
 def _last(
     previous: Sequence[Mapping[str, Any]], version: str, config: MonitorConfig
 ) -> list[Mapping[str, Any]]:
-    """The version's last ``history`` earlier windows (``previous`` is oldest first)."""
-    return [p for p in previous if p.get("version") == version and p.get("histograms")][-config.history :]
+    """The version's last ``history`` earlier windows that did not trip (``previous`` is oldest
+    first): a window that tripped is an incident, not the normal the next ones are compared with
+    (after a shift and its fix, the traffic going back to normal must not trip as "drift")."""
+    return [
+        p
+        for p in previous
+        if p.get("version") == version and p.get("histograms") and p.get("decision") != "tripped"
+    ][-config.history :]
 
 
 # --- outliers ---------------------------------------------------------------------------------------

@@ -530,6 +530,8 @@ def step_register(
         f"[6/7] register: '{model}' in MLflow with signature, input example, transformer spec and lineage"
     )
     mlflow.set_tracking_uri(settings.mlflow_url)
+    # The run's own experiment (in a process that set another one before, fluent MLflow refuses).
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             graph, name="model", signature=signature(spec), input_example=example,

@@ -108,21 +108,49 @@ def test_demo_approvals_in_mlflow_start_deploy_runs_that_promote_the_good_and_ro
     assert page.status_code == 200 and "Canary report" in page.text and page.text.count("<img") >= 2
 
 
-def test_demo_monitoring_passes_the_clean_window_and_trips_on_the_shifted_one(stack):
-    """The monitor_model DAG through Airflow on the demo's own traffic: the profile made at
-    registration, the report linked from the version, the asset event in Airflow."""
-    monitoring = stack["demo"]["monitoring"]
-    clean, shifted = monitoring["windows"]["clean"], monitoring["windows"]["shifted"]
+def test_demo_closes_the_loop_drift_at_the_endpoint_ends_with_a_new_champion_serving(stack):
+    """The end-to-end loop through the real scheduler, MLflow server and model server: moved images
+    at the serving endpoint trip monitor_model, whose drift event schedules retrain_model, whose
+    approval starts deploy_model, which takes the retrained version to 100 %."""
+    loop = stack["demo"]["loop"]
+    clean, shifted = loop["windows"]["clean"], loop["windows"]["shifted"]
     assert clean["decision"] == "ok" and clean["raised"] == []
-    assert shifted["decision"] == "tripped" and "skew:age_days" in shifted["tripped"]
-    assert "skew:amount" not in shifted["tripped"]
-    assert shifted["raised"] == ["mlops://models/demo-fraud/drift"]
-    event = monitoring["asset_event"]
-    assert "skew:age_days" in event["tripped"] and event["report"] == shifted["report"]
-    assert monitoring["version_report"] == shifted["report"]
-    assert monitoring["asset_page"].startswith(stack["up"]["airflow_login"]["url"].rstrip("/"))
-    page = httpx.get(shifted["report"], timeout=10)
-    assert page.status_code == 200 and "age_days" in page.text and page.text.count("<img") >= 4
+    assert shifted["decision"] == "tripped" and shifted["raised"] == ["mlops://models/digits/drift"]
+    assert any(check.startswith("skew:pixel_") for check in shifted["tripped"])
+
+    retrain = loop["retrain"]
+    assert "/dags/retrain_model/runs/asset_triggered__" in retrain["run"]  # started by the event
+    assert retrain["decision"] == "approved"
+    lineage = retrain["lineage"]
+    assert lineage["mlops.parent_version"] == loop["first"]["version"]
+    assert lineage["mlops.trigger"].startswith("drift:digits:")
+    assert (
+        "pixel_" in lineage["mlops.trigger_reason"] and lineage["mlops.monitor_report"] == shifted["report"]
+    )
+    assert lineage["mlops.monitor_run"].startswith("monitor_model/")
+    assert int(lineage["mlops.dataset_rows"].split('"traffic": ')[1].rstrip("}")) >= 600
+    metrics = retrain["metrics"]
+    assert metrics["candidate"]["recent"]["accuracy"] > metrics["champion"]["recent"]["accuracy"] + 0.2
+
+    rollout = loop["rollout"]
+    assert rollout["version"] == retrain["version"] and rollout["outcome"] == "promoted"
+    assert "/dags/deploy_model/runs/asset_triggered__" in rollout["run"]
+    registry = loop["registry"]
+    assert registry["champion"] == retrain["version"]
+    assert registry["replaced"] == {
+        "version": loop["first"]["version"], "rollout": "replaced", "replaced_by": retrain["version"],
+    }  # fmt: skip
+    assert loop["application"]["sent"] > 800 and loop["application"]["failed"] == 0
+    status = run_mlops("serve", "status", "digits", env=stack["env"])
+    assert status.code == 0 and status.json["stable"]["version"] == retrain["version"]
+    assert status.json["canary"] is None
+
+    steps = [item["step"] for item in stack["demo"]["timeline"]]
+    assert steps[0] == "the stack is up" and any("retrained" in step for step in steps)
+    assert [item["at_s"] for item in stack["demo"]["timeline"]] == sorted(
+        item["at_s"] for item in stack["demo"]["timeline"]
+    )
+    assert "the timeline (seconds since the start):" in stack["demo_stderr"]
 
 
 def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):

@@ -98,3 +98,26 @@ def test_retrain_model_is_scheduled_on_the_drift_of_each_model_the_file_retrains
     assert params.get_param("margin").schema["type"] == ["null", "number"]
     assert "default 0.02" in params.get_param("margin").description
     assert "digits: 100" in params.get_param("min_traffic_rows").description
+
+
+def test_retrain_model_takes_one_trigger_per_model_from_a_runs_events():
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("retrain_model_dag", DAGS / "retrain_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    triggers = module.triggers
+
+    def event(model: str, end_ms: int, at: str) -> SimpleNamespace:
+        extra = {"model": model, "window": {"end": f"end-{end_ms}", "end_ms": end_ms}, "reason": "drift"}
+        return SimpleNamespace(extra=extra, timestamp=at, source_dag_id="monitor_model", source_run_id="r1")
+
+    seen_twice = event("digits", 2000, "2026-12-01T10:00:02")
+    found = triggers([event("digits", 1000, "2026-12-01T10:00:01"), seen_twice, seen_twice,
+                      event("fraud", 3000, "2026-12-01T10:00:03")])  # fmt: skip
+    assert [(t["model"], t["trigger"]) for t in found] == [
+        ("digits", "drift:digits:2000"),
+        ("fraud", "drift:fraud:3000"),
+    ]
+    assert found[0]["monitor_run"] == "monitor_model/r1" and found[0]["end"] == "end-2000"

@@ -183,3 +183,26 @@ def test_drift_pools_only_the_last_history_windows(profile):
         "drift:age_days"
         not in check_version(now, profile, earlier, MonitorConfig(history=1), detectors, 3).tripped
     )
+
+
+def test_drift_leaves_out_the_windows_that_tripped(profile):
+    """After an incident (a shift, then a fix), normal traffic is compared with the windows that
+    passed, not with the incident's."""
+    detectors = get_detectors("scipy")
+    incident = [
+        {**_summary(check_version(window(1000, s, "mean"), profile, [], MonitorConfig(), detectors, s)),
+         "decision": "tripped"}
+        for s in (40, 41)
+    ]  # fmt: skip
+    normal = {
+        **_summary(check_version(window(1000, 42), profile, [], MonitorConfig(), detectors, 42)),
+        "decision": "ok",
+    }
+    now = window(1000, 43)
+    assert (
+        "drift:age_days"
+        not in check_version(now, profile, [normal, *incident], MonitorConfig(), detectors, 3).tripped
+    )
+    alone = check_version(now, profile, incident, MonitorConfig(), detectors, 3)
+    assert "drift:age_days" not in alone.tripped
+    assert any(c.kind == "drift" and "no previous window" in c.detail for c in alone.checks)
