@@ -80,7 +80,9 @@ def _from_event(event: Any) -> dict[str, Any]:
     tripped once is one trigger however often its event is seen."""
     extra = event.extra or {}
     window = extra.get("window") or {}
-    end = window.get("end") or ""
+    end = window.get("end") or ""  # to the second: the window's own end_ms, to the millisecond, wins
+    if window.get("end_ms"):
+        end = pendulum.from_timestamp(int(window["end_ms"]) / 1000, tz="UTC").isoformat()
     return _request({
         "model": extra.get("model"),
         "trigger": f"drift:{extra.get('model')}:{window.get('end_ms') or end}",

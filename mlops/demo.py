@@ -160,7 +160,8 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
                 run=outcome["run"],
                 report=outcome["report"],
             )
-        sent, failed = traffic.stop()
+        traffic.stop()
+        sent, failed = traffic.sent, traffic.failed
     progress(f"    the application's requests meanwhile: {sent} sent, {failed} failed")
     if failed:
         raise MLOpsError(f"{failed} of {sent} application requests failed during the rollouts")
@@ -275,26 +276,35 @@ def approve_and_follow(
     }
 
 
-class Traffic:
-    """An application's requests, one after another until stopped, with the failures counted."""
+class Application:
+    """An application's requests on a thread of their own, from ``with`` until stopped."""
 
-    def __init__(self, url: str, model: str) -> None:
-        self.url = f"{url}/v1/models/{model}:predict"
-        self.sent = self.failed = 0
+    def __init__(self, name: str) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def __enter__(self) -> Traffic:
+    def __enter__(self) -> Application:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def stop(self) -> tuple[int, int]:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        return self.sent, self.failed
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Traffic(Application):
+    """Rows of the fraud example, one request after another, with the failures counted."""
+
+    def __init__(self, url: str, model: str) -> None:
+        super().__init__("demo-traffic")
+        self.url = f"{url}/v1/models/{model}:predict"
+        self.sent = self.failed = 0
 
     def _run(self) -> None:
         rows = example_rows(5000, seed=2)

@@ -17,7 +17,6 @@ the world it sees changes, and redeployed through the same canary, every hand-ov
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from mlops.demo import (
     DEPLOY_DAG,
     MONITOR_DAG,
     ROLLOUT_TIMEOUT_S,
+    Application,
     Timeline,
     approve_and_follow,
     iso,
@@ -44,7 +44,7 @@ DRIFT_ASSET = f"mlops://models/{LOOP_MODEL}/drift"
 WINDOW_ROWS = 400  # images in each monitored stretch (the model's min_events is 300)
 
 
-class LabelledTraffic:
+class LabelledTraffic(Application):
     """An application: one image per request, one after another until stopped, and each image's
     label sent back (`POST /v1/feedback`) once answered; ``shift()`` moves every later image one
     cell to the right. Counts what it sent and what failed, by stretch."""
@@ -52,6 +52,7 @@ class LabelledTraffic:
     def __init__(self, url: str, model: str) -> None:
         from retraining.builtin import LABEL, load, shift_right
 
+        super().__init__("demo-labelled-traffic")
         frame = load("digits").sample(frac=1.0, random_state=5).reset_index(drop=True)
         features = frame.drop(columns=LABEL)
         self.labels = frame[LABEL].tolist()
@@ -63,22 +64,9 @@ class LabelledTraffic:
         self.shifted = False
         self.sent = {False: 0, True: 0}
         self.failed = self.correct = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="demo-labelled-traffic", daemon=True)
-
-    def __enter__(self) -> LabelledTraffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def shift(self) -> None:
         self.shifted = True
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
     def wait_for(self, rows: int, timeout_s: float = 300.0) -> None:
         """Until the current stretch has ``rows`` requests answered."""

@@ -175,3 +175,43 @@ def stop_detached(process: subprocess.Popen, grace_s: float = 20) -> None:
             process.wait(timeout=10)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def iso(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
+
+
+class RuntimeWorld:
+    """A DAG test's own runtime settings (state dir, models file, an embedded log store, the live
+    MLflow), and the runtime environment's python run with them."""
+
+    def __init__(self, tmp: Path, mlflow_url: str, policy: str) -> None:
+        models_file = tmp / "models.yaml"
+        models_file.write_text(policy)
+        self.settings = {
+            "MLOPS_STATE_DIR": str(tmp / "state"),
+            "MLOPS_MLFLOW__URL": mlflow_url,
+            "MLOPS_LOGS__STORE": f"sqlite:///{tmp / 'inference.db'}",
+            "MLOPS_DEPLOY__MODELS_FILE": str(models_file),
+        }
+
+    def run(self, *argv: str, timeout: int = 300) -> str:
+        """``python *argv`` in the runtime; its last line of output (it must succeed)."""
+        done = subprocess.run(
+            [str(RUNTIME_PYTHON), *argv], capture_output=True, text=True, env=clean_env(**self.settings),
+            cwd=PROJECT_ROOT, timeout=timeout,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    def load_dag(self, monkeypatch: pytest.MonkeyPatch, dag_id: str):
+        """The project's DAG as Airflow parses it, its tasks running in this runtime."""
+        from airflow.dag_processing.dagbag import DagBag
+
+        monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=self.settings))
+        monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", self.settings["MLOPS_DEPLOY__MODELS_FILE"])
+        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
+        assert bag.import_errors == {}
+        return bag.dags[dag_id]

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from airflow.utils.state import DagRunState
 
-from tests.orchestration.conftest import PROJECT_ROOT, RUNTIME_PYTHON, clean_env, runtime_connection
+from tests.orchestration.conftest import PROJECT_ROOT, RUNTIME_PYTHON, RuntimeWorld, clean_env, iso
 
 MODEL = "dag-monitored"
 T0 = 1_793_577_600_000  # 2026-11-01T00:00Z: fixed windows, in the past
@@ -69,35 +69,14 @@ print("written")
 """
 
 
-def iso(ms: int) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
-
-
 @pytest.fixture(scope="module")
 def world(mlflow_registry, airflow_db, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("monitor-dag")
-    models_file = tmp / "models.yaml"
-    models_file.write_text(POLICY)
-    settings = {
-        "MLOPS_STATE_DIR": str(tmp / "state"),
-        "MLOPS_MLFLOW__URL": mlflow_registry.url,
-        "MLOPS_LOGS__STORE": f"sqlite:///{tmp / 'inference.db'}",
-        "MLOPS_DEPLOY__MODELS_FILE": str(models_file),
-    }
-
-    def runtime(*argv: str, timeout: int = 300) -> str:
-        done = subprocess.run(
-            [str(RUNTIME_PYTHON), *argv], capture_output=True, text=True, env=clean_env(**settings),
-            cwd=PROJECT_ROOT, timeout=timeout,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done.stdout.strip().splitlines()[-1]
-
-    version = runtime("-c", REGISTER, mlflow_registry.url, MODEL)
+    runtime = RuntimeWorld(tmp, mlflow_registry.url, POLICY)
+    settings = runtime.settings
+    version = runtime.run("-c", REGISTER, mlflow_registry.url, MODEL)
     data = tmp / "training.csv"
-    runtime("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, version, str(T0), str(data))
+    runtime.run("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, version, str(T0), str(data))
     return {
         "registry": mlflow_registry,
         "version": version,
@@ -112,7 +91,7 @@ def profiled(world):
     """`mlops profile` on a version registered without one: it is stored and linked from the version."""
     assert "monitoring.profile" not in world["registry"].tags(MODEL, world["version"])
     made = json.loads(
-        world["runtime"](
+        world["runtime"].run(
             "-m", "mlops", "profile", MODEL, "--version", world["version"], "--data", str(world["data"])
         )
     )
@@ -125,13 +104,7 @@ def profiled(world):
 
 @pytest.fixture
 def monitor_dag(world, profiled, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
-    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=world["settings"]))
-    monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", world["settings"]["MLOPS_DEPLOY__MODELS_FILE"])
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["monitor_model"]
+    return world["runtime"].load_dag(monkeypatch, "monitor_model")
 
 
 def window(monitor_dag, number: int) -> tuple[dict, dict]:

@@ -9,12 +9,11 @@ registers nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from airflow.utils.state import DagRunState, TaskInstanceState
 
-from tests.orchestration.conftest import PROJECT_ROOT, RUNTIME_PYTHON, clean_env, runtime_connection
+from tests.orchestration.conftest import RuntimeWorld, iso
 
 MODEL = "dag-digits"
 T0 = 1_793_577_600_000  # 2026-11-01T00:00Z: the traffic's time, fixed and in the past
@@ -46,48 +45,21 @@ print("written")
 """
 
 
-def iso(ms: int) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat()
-
-
 @pytest.fixture(scope="module")
 def world(mlflow_registry, airflow_db, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrain-dag")
-    models_file = tmp / "models.yaml"
-    models_file.write_text(POLICY)
-    settings = {
-        "MLOPS_STATE_DIR": str(tmp / "state"),
-        "MLOPS_MLFLOW__URL": mlflow_registry.url,
-        "MLOPS_LOGS__STORE": f"sqlite:///{tmp / 'inference.db'}",
-        "MLOPS_DEPLOY__MODELS_FILE": str(models_file),
-    }
-
-    def runtime(*argv: str, timeout: int = 300) -> str:
-        done = subprocess.run(
-            [str(RUNTIME_PYTHON), *argv], capture_output=True, text=True, env=clean_env(**settings),
-            cwd=PROJECT_ROOT, timeout=timeout,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done.stdout.strip().splitlines()[-1]
-
-    first = json.loads(runtime("-m", "mlops", "train", MODEL, "--dataset", "digits", "--rows", "1000"))
+    runtime = RuntimeWorld(tmp, mlflow_registry.url, POLICY)
+    settings = runtime.settings
+    first = json.loads(runtime.run("-m", "mlops", "train", MODEL, "--dataset", "digits", "--rows", "1000"))
     assert first["registered"] and first["metrics"]["held_out"]["accuracy"] > 0.85
     mlflow_registry.set_alias(MODEL, "champion", first["version"])
-    runtime("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, str(T0))
-    return {"registry": mlflow_registry, "first": first["version"], "settings": settings}
+    runtime.run("-c", WRITE, settings["MLOPS_LOGS__STORE"], MODEL, str(T0))
+    return {"registry": mlflow_registry, "first": first["version"], "settings": settings, "runtime": runtime}
 
 
 @pytest.fixture
 def retrain_dag(world, monkeypatch):
-    from airflow.dag_processing.dagbag import DagBag
-
-    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=world["settings"]))
-    monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", world["settings"]["MLOPS_DEPLOY__MODELS_FILE"])
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["retrain_model"]
+    return world["runtime"].load_dag(monkeypatch, "retrain_model")
 
 
 def trigger(retrain_dag, key: str, **changes) -> tuple[object, dict]:
