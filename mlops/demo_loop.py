@@ -17,6 +17,7 @@ the world it sees changes, and redeployed through the same canary, every hand-ov
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,12 +43,18 @@ LOOP_MODEL = "digits"  # config/models.yaml has its demo settings (ramp, monitor
 RETRAIN_DAG = "retrain_model"
 DRIFT_ASSET = f"mlops://models/{LOOP_MODEL}/drift"
 WINDOW_ROWS = 400  # images in each monitored stretch (the model's min_events is 300)
+# The application's phases: what it sends, and who answers.
+SCANNED = "as scanned (version 1)"
+MOVED = "moved (version 1)"
+MEANWHILE = "moved, while retraining and in the canary"
+RETRAINED = "moved (the retrained version)"
 
 
 class LabelledTraffic(Application):
     """An application: one image per request, one after another until stopped, and each image's
-    label sent back (`POST /v1/feedback`) once answered; ``shift()`` moves every later image one
-    cell to the right. Counts what it sent and what failed, by stretch."""
+    label sent back (`POST /v1/feedback`) once answered. Its ``phase`` names the stretch: the
+    images as scanned, then (any other phase) moved one cell to the right. Counts, per phase, the
+    requests answered and the answers that were right; and the failures."""
 
     def __init__(self, url: str, model: str) -> None:
         from retraining.builtin import LABEL, load, shift_right
@@ -61,20 +68,21 @@ class LabelledTraffic(Application):
             True: shift_right(features).to_dict(orient="records"),
         }
         self.predict_url, self.feedback_url = f"{url}/v1/models/{model}:predict", f"{url}/v1/feedback"
-        self.shifted = False
-        self.sent = {False: 0, True: 0}
-        self.failed = self.correct = 0
+        self.phase = SCANNED
+        self.answered: collections.Counter[str] = collections.Counter()
+        self.right: collections.Counter[str] = collections.Counter()
+        self.failed = 0
 
-    def shift(self) -> None:
-        self.shifted = True
+    def accuracy(self) -> dict[str, float]:
+        return {phase: round(self.right[phase] / n, 4) for phase, n in self.answered.items() if n}
 
     def wait_for(self, rows: int, timeout_s: float = 300.0) -> None:
-        """Until the current stretch has ``rows`` requests answered."""
+        """Until the current phase has ``rows`` requests answered."""
         deadline = time.monotonic() + timeout_s
-        while self.sent[self.shifted] < rows:
+        while self.answered[self.phase] < rows:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise MLOpsError(
-                    f"the application sent {self.sent[self.shifted]} of {rows} requests in {timeout_s:.0f} s"
+                    f"the application had {self.answered[self.phase]} of {rows} requests answered in {timeout_s:.0f} s"
                 )
             time.sleep(0.2)
 
@@ -82,21 +90,22 @@ class LabelledTraffic(Application):
         count = 0
         with httpx.Client(timeout=30) as client:
             while not self._stop.is_set():
-                shifted, index = self.shifted, count % len(self.labels)
+                phase, index = self.phase, count % len(self.labels)
                 count += 1
                 try:
-                    answer = client.post(self.predict_url, json={"instances": [self.rows[shifted][index]]})
+                    image = self.rows[phase != SCANNED][index]
+                    answer = client.post(self.predict_url, json={"instances": [image]})
                     ok = answer.status_code == 200
                     if ok:
                         body = answer.json()
                         label = self.labels[index]
-                        self.correct += body["predictions"][0]["label"] == label
+                        self.right[phase] += body["predictions"][0]["label"] == label
                         client.post(
                             self.feedback_url, json={"request_id": body["request_id"], "labels": [label]}
                         )
                 except httpx.HTTPError:
                     ok = False
-                self.sent[shifted] += 1
+                self.answered[phase] += ok
                 self.failed += not ok
                 time.sleep(0.005)
 
@@ -134,9 +143,10 @@ def closed_loop(
         began = _now_ms()
         app.wait_for(WINDOW_ROWS)
         switched = _now_ms()
-        app.shift()
+        app.phase = MOVED
         app.wait_for(WINDOW_ROWS)
         ended = _now_ms() + 1
+        app.phase = MEANWHILE
         for start, end in ((began, switched), (switched, ended)):
             wait_logged(settings, LOOP_MODEL, start, end, WINDOW_ROWS)
         known = {run.run_id for run in airflow.runs(RETRAIN_DAG)}
@@ -176,10 +186,16 @@ def closed_loop(
         )
         timeline.add(f"version {approved['version']} through the canary: {rollout['outcome']}",
                      run=rollout["run"], report=rollout["report"])  # fmt: skip
+        if rollout["outcome"] == "promoted":
+            app.phase = RETRAINED
+            app.wait_for(WINDOW_ROWS // 2)
+    accuracy = app.accuracy()
+    progress(
+        "    the application's answers right: "
+        + "; ".join(f"{phase}: {share:.1%}" for phase, share in accuracy.items() if phase != MEANWHILE)
+    )
     if app.failed:
-        raise MLOpsError(
-            f"{app.failed} of {sum(app.sent.values())} application requests failed during the loop"
-        )
+        raise MLOpsError(f"{app.failed} application requests failed during the loop")
     if rollout["outcome"] != "promoted":
         raise MLOpsError(f"the retrained version was not promoted: {rollout['reason']}")
     return {
@@ -197,7 +213,7 @@ def closed_loop(
         },
         "rollout": rollout,
         "registry": _registry_after(settings, version, approved["version"]),
-        "application": {"sent": sum(app.sent.values()), "failed": app.failed},
+        "application": {"answered": sum(app.answered.values()), "failed": app.failed, "accuracy": accuracy},
     }
 
 

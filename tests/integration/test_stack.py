@@ -140,7 +140,11 @@ def test_demo_closes_the_loop_drift_at_the_endpoint_ends_with_a_new_champion_ser
     assert registry["replaced"] == {
         "version": loop["first"]["version"], "rollout": "replaced", "replaced_by": retrain["version"],
     }  # fmt: skip
-    assert loop["application"]["sent"] > 800 and loop["application"]["failed"] == 0
+    application = loop["application"]
+    assert application["answered"] > 1000 and application["failed"] == 0
+    right = application["accuracy"]  # what the application saw: the loop put its answers right again
+    assert right["as scanned (version 1)"] > 0.9
+    assert right["moved (the retrained version)"] > right["moved (version 1)"] + 0.2
     status = run_mlops("serve", "status", "digits", env=stack["env"])
     assert status.code == 0 and status.json["stable"]["version"] == retrain["version"]
     assert status.json["canary"] is None
