@@ -227,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assets.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     assets.set_defaults(handler=_logs_assets)
+    receive = logs_commands.add_parser(
+        "receive", help="KServe's logger events (CloudEvents) into the store, until stopped"
+    )
+    receive.add_argument("--host", help="the address to listen on (default: MLOPS_HOST)")
+    receive.add_argument("--port", type=int, default=8095, help="the port (default: 8095)")
+    receive.set_defaults(handler=_logs_receive)
 
     profile = commands.add_parser(
         "profile",
@@ -703,6 +709,16 @@ def _logs_assets(settings: Settings, args: argparse.Namespace) -> tuple[Any, int
         path.write_text(text)
         written.append(str(path))
     return {"written": written}, 0
+
+
+def _logs_receive(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
+    from serving.logger.kserve import serve
+
+    if not 0 < args.port < 65536:
+        raise InvalidInput(f"--port: expected a port number, got {args.port}")
+    host = args.host or settings.host
+    code = serve(settings, host, args.port, _progress)
+    return {"receiver": f"http://{host}:{args.port}/", "stopped": True}, code
 
 
 def _profile(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:

@@ -75,6 +75,8 @@ class LogWriter:
         # Events submitted (by the reading thread) and taken (by the writing thread): each counter
         # has one writer, so their difference, the backlog, needs no lock.
         self._submitted = self._taken = 0
+        self._delivered = 0  # events through _deliver: to the store, the spool or the dead letters
+        self._delivery = threading.Condition()
         self._refused = self._dropped = 0  # events dropped: at submit (reading thread), later (writing)
         self._queue_events = queue_events
         self._batch_events = batch_events
@@ -93,16 +95,24 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: Item) -> None:
+    def submit(self, item: Item) -> int | None:
+        """Queue the item; its mark for ``wait_delivered``, or None when it was dropped (queue full)."""
         held = events([item])
         if self.backlog + held > self._queue_events:
             self._refused += held
             self._trouble(
                 "queue", f"dropping {held} events: the log writer's queue is full (the store is slower)"
             )
-            return
+            return None
         self._pending.append(item)
         self._submitted += held
+        return self._submitted
+
+    def wait_delivered(self, mark: int, timeout_s: float) -> bool:
+        """Whether everything submitted up to ``mark`` was handed to the store, the spool or the
+        dead letters within ``timeout_s`` (one thread submits; waiting is for any thread)."""
+        with self._delivery:
+            return self._delivery.wait_for(lambda: self._delivered >= mark, timeout_s)
 
     @property
     def dropped(self) -> int:
@@ -152,7 +162,12 @@ class LogWriter:
                 self._taken += held
                 items.append(item)
                 size += held
-            self._deliver(items)
+            try:
+                self._deliver(items)
+            finally:
+                with self._delivery:
+                    self._delivered += size
+                    self._delivery.notify_all()
 
     def _deliver(self, items: list[Item]) -> None:
         """To the store when it is up and nothing is spooled; else behind the spool, in order."""

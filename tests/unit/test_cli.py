@@ -145,3 +145,9 @@ def test_a_result_json_cannot_encode_gives_the_json_error(monkeypatch, capsys, t
     assert json.loads(out)["error"]["message"].startswith("unexpected TypeError")
     assert json.loads(target.read_text()) == json.loads(out)
     assert "Traceback" not in err
+
+
+def test_logs_receive_refuses_a_port_that_is_none_naming_the_flag():
+    result = run_mlops("logs", "receive", "--port", "70000")
+    assert result.code == 2
+    assert "--port" in result.json["error"]["message"]
