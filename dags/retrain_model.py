@@ -100,9 +100,7 @@ def triggers(events: list[Any]) -> list[dict[str, Any]]:
     for event in sorted(events, key=lambda event: str(event.timestamp)):
         model = (event.extra or {}).get("model")
         if model:
-            newest.setdefault(model, event)
-            if str(event.timestamp) >= str(newest[model].timestamp):
-                newest[model] = event
+            newest[model] = event  # the later one wins; the model keeps its first place
     return [_from_event(event) for event in newest.values()]
 
 
@@ -176,9 +174,9 @@ with DAG(
         return made["action"] == "train"
 
     @task
-    def others(triggers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def others(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The other models' triggers in this run's events: each its own run, started by fan_out."""
-        return triggers
+        return pending
 
     fan_out = TriggerDagRunOperator.partial(
         task_id="fan_out", trigger_dag_id="retrain_model", wait_for_completion=False
