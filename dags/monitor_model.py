@@ -32,7 +32,14 @@ import pendulum
 from airflow.sdk import DAG, Asset, AssetAlias, Param, task
 
 from mlops_airflow import MlopsReportOperator
-from mlops_airflow.models_file import enabled_models, models_file, read_models, section, setting_help
+from mlops_airflow.models_file import (
+    enabled_models,
+    models_file,
+    read_models,
+    section,
+    setting_flags,
+    setting_params,
+)
 
 MODELS = read_models()
 DEFAULTS = section(MODELS, "monitor")
@@ -59,10 +66,6 @@ SETTINGS = (
 )
 
 
-def _help(key: str) -> str:
-    return setting_help(MODELS, "monitor", key)
-
-
 with DAG(
     dag_id="monitor_model",
     description="inference log window -> quality, skew, drift, outliers, performance -> report; a trigger when it trips",
@@ -78,7 +81,7 @@ with DAG(
             None, type=["null", "string"],
             description="the window's end: an ISO time, or 10m (that long ago); empty: the run's data interval end (by hand: now)",
         ),
-        **{key: Param(None, type=["null", kind], description=f"{what}; {_help(key)}") for key, _, kind, what in SETTINGS},
+        **setting_params(MODELS, "monitor", SETTINGS),
     },
 ):  # fmt: skip
 
@@ -89,7 +92,7 @@ with DAG(
         if not models:
             raise ValueError(f"no model to monitor: {models_file()} lists none, and the form names none")
         end = params.get("end") or (data_interval_end or pendulum.now("UTC")).isoformat()
-        flags = [f"--{flag}={params[key]}" for key, flag, _, _ in SETTINGS if params.get(key) is not None]
+        flags = setting_flags(SETTINGS, params)
         return [["monitor", "run", model, f"--end={end}", *flags] for model in models]
 
     check = MlopsReportOperator.partial(

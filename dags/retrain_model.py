@@ -38,7 +38,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Asset, AssetAny, Param, task
 
 from mlops_airflow import MlopsOperator
-from mlops_airflow.models_file import drift_uri, enabled_models, read_models, setting_help
+from mlops_airflow.models_file import drift_uri, enabled_models, read_models, setting_flags, setting_params
 
 MODELS = read_models()
 RETRAINED = enabled_models(MODELS, "retrain")
@@ -61,10 +61,6 @@ SETTINGS = (
     ("min_rows", "min-rows", "integer", "the dataset's rows at least"),
     ("min_traffic_rows", "min-traffic-rows", "integer", "its labelled traffic rows at least"),
 )
-
-
-def _help(key: str) -> str:
-    return setting_help(MODELS, "retrain", key)
 
 
 def _request(conf: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +117,7 @@ with DAG(
         "end": Param("", type="string", description="labelled traffic up to here: an ISO time; empty: the drift window's end, or now"),
         "monitor_run": Param("", type="string", description="the monitoring run that tripped (a drift event's fan-out fills it)"),
         "report": Param("", type="string", description="its report"),
-        **{key: Param(None, type=["null", kind], description=f"{what}; {_help(key)}") for key, _, kind, what in SETTINGS},
+        **setting_params(MODELS, "retrain", SETTINGS),
     },
 ):  # fmt: skip
 
@@ -140,9 +136,7 @@ with DAG(
             )
         first, others = wanted[0], wanted[1:]
         first["trigger"] = first["trigger"] or f"manual:{run_id}"
-        flags = [
-            f"--{flag}={params[key]}" for key, flag, _, _ in SETTINGS if params.get(key) not in (None, "")
-        ]
+        flags = setting_flags(SETTINGS, params)
         base = [first["model"], f"--trigger={first['trigger']}"]
         dataset = [
             f"--{key.replace('_', '-')}={first[key]}"

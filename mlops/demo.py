@@ -36,7 +36,7 @@ import httpx
 
 from common.errors import MLOpsError
 from common.settings import Settings
-from mlops.airflow_client import AirflowClient
+from mlops.airflow_client import AirflowClient, DagRun
 from mlops.stack import Supervisor, build_components
 from mlops.stack.services import airflow_password
 
@@ -122,15 +122,7 @@ def demo(settings: Settings, progress: Callable[[str], None], ttl_s: float | Non
     stable = serving_now or first
     progress(f"{step(3)} version {stable} from the registry as stable (champion), at {settings.serving_url}")
     if serving_now is None:
-        target.deploy(DEMO_MODEL, stable, f"models:/{DEMO_MODEL}/{stable}", role="stable")
-        mlflow_call(
-            settings.mlflow_url,
-            "POST",
-            "registered-models/alias",
-            name=DEMO_MODEL,
-            alias="champion",
-            version=stable,
-        )
+        serve_as_champion(settings, target, DEMO_MODEL, stable)
     sample_answer = predict(settings.serving_url, DEMO_MODEL, example_rows(3))
     sample = sample_answer["predictions"]
     timeline.add(
@@ -242,18 +234,7 @@ def approve_and_follow(
             settings.mlflow_url, "POST", "model-versions/set-tag", name=model, version=version,
             key="approval", value="approved",
         )  # fmt: skip
-    deadline = approved + ROLLOUT_TIMEOUT_S
-    run = None
-    while run is None:
-        fresh = [r for r in airflow.runs(DEPLOY_DAG) if r.run_id not in known]
-        if fresh:
-            run = fresh[-1]  # the oldest new one
-        elif time.monotonic() > deadline:
-            raise MLOpsError(
-                f"no {DEPLOY_DAG} run started within {ROLLOUT_TIMEOUT_S:.0f} s of approving version {version}"
-            )
-        else:
-            time.sleep(1.0)
+    run = new_run(airflow, DEPLOY_DAG, known, f"approving version {version}")
     started_after = time.monotonic() - approved
     progress(f"    {DEPLOY_DAG} run {run.run_id} started {started_after:.1f} s after the approval: {run.url}")
     done = airflow.wait_for_run(run, timeout_s=ROLLOUT_TIMEOUT_S, progress=progress)
@@ -318,6 +299,27 @@ class Traffic(Application):
                 self.sent += 1
                 self.failed += not ok
                 time.sleep(0.01)
+
+
+def new_run(airflow: AirflowClient, dag_id: str, known: set[str], cause: str) -> DagRun:
+    """The oldest run of ``dag_id`` not in ``known``, once one has started (within the rollout
+    timeout of ``cause``, which the error names)."""
+    deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+    while True:
+        fresh = [run for run in airflow.runs(dag_id) if run.run_id not in known]  # newest first
+        if fresh:
+            return fresh[-1]
+        if time.monotonic() > deadline:
+            raise MLOpsError(f"no {dag_id} run started within {ROLLOUT_TIMEOUT_S:.0f} s of {cause}")
+        time.sleep(1.0)
+
+
+def serve_as_champion(settings: Settings, target: Any, model: str, version: str) -> None:
+    """``version`` deployed from the registry as the stable one, and named the ``champion``."""
+    target.deploy(model, version, f"models:/{model}/{version}", role="stable")
+    mlflow_call(
+        settings.mlflow_url, "POST", "registered-models/alias", name=model, alias="champion", version=version
+    )
 
 
 def _serving_stable(target: Any) -> str | None:

@@ -36,8 +36,11 @@ from mlops.demo import (
     approve_and_follow,
     iso,
     mlflow_call,
+    new_run,
+    serve_as_champion,
     wait_logged,
 )
+from monitoring.events import now_ms
 
 LOOP_MODEL = "digits"  # config/models.yaml has its demo settings (ramp, monitor window, retrain window)
 RETRAIN_DAG = "retrain_model"
@@ -140,12 +143,12 @@ def closed_loop(
         progress(
             f"{step(8)} the application's images, then the same images one cell to the right; {MONITOR_DAG} checks each stretch"
         )
-        began = _now_ms()
+        began = now_ms()
         app.wait_for(WINDOW_ROWS)
-        switched = _now_ms()
+        switched = now_ms()
         app.phase = MOVED
         app.wait_for(WINDOW_ROWS)
-        ended = _now_ms() + 1
+        ended = now_ms() + 1
         app.phase = MEANWHILE
         for start, end in ((began, switched), (switched, ended)):
             wait_logged(settings, LOOP_MODEL, start, end, WINDOW_ROWS)
@@ -238,15 +241,8 @@ def _first_version_serving(
             if run.state in ("queued", "running"):
                 progress(f"    waiting for {dag_id} run {run.run_id}, left by a demo run before this one")
                 airflow.wait_for_run(run, timeout_s=ROLLOUT_TIMEOUT_S)
-    target = get_deployment_target(settings.deployment_target, settings)
-    target.deploy(LOOP_MODEL, version, f"models:/{LOOP_MODEL}/{version}", role="stable")
-    mlflow_call(
-        settings.mlflow_url,
-        "POST",
-        "registered-models/alias",
-        name=LOOP_MODEL,
-        alias="champion",
-        version=version,
+    serve_as_champion(
+        settings, get_deployment_target(settings.deployment_target, settings), LOOP_MODEL, version
     )
     progress(
         f"    version {champion} was champion (a demo run before this one): version {version} serves again"
@@ -276,15 +272,7 @@ def _monitor(airflow: AirflowClient, start: int, end: int, progress: Callable[[s
 def _follow_new_run(
     airflow: AirflowClient, dag_id: str, known: set[str], cause: str, progress: Callable[[str], None]
 ) -> DagRun:
-    deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
-    while True:
-        fresh = [run for run in airflow.runs(dag_id) if run.run_id not in known]
-        if fresh:
-            break
-        if time.monotonic() > deadline:
-            raise MLOpsError(f"no {dag_id} run started within {ROLLOUT_TIMEOUT_S:.0f} s of {cause}")
-        time.sleep(1.0)
-    run = fresh[-1]
+    run = new_run(airflow, dag_id, known, cause)
     progress(f"    {dag_id} run {run.run_id}, started by {cause}: {run.url}")
     done = airflow.wait_for_run(run, timeout_s=ROLLOUT_TIMEOUT_S, progress=progress)
     if done.state != "success":
@@ -322,7 +310,3 @@ def _alias(settings: Settings, alias: str) -> str | None:
 
 def _version_url(settings: Settings, version: str) -> str:
     return f"{settings.mlflow_url}/#/models/{LOOP_MODEL}/versions/{version}"
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from airflow.sdk import Param
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +57,22 @@ def enabled_models(models: dict[str, Any], name: str) -> list[str]:
     """The models a DAG covers: every model of the file whose section ``name`` is enabled."""
     default = section(models, name).get("enabled", True)
     return sorted(m for m in models.get("models") or {} if section(models, name, m).get("enabled", default))
+
+
+# A setting a DAG run may change: (param, flag, JSON type, what it is).
+Setting = tuple[str, str, str, str]
+
+
+def setting_params(models: dict[str, Any], name: str, settings: tuple[Setting, ...]) -> dict[str, Param]:
+    """The form's field for each setting of section ``name``: typed, empty by default, its help
+    naming the file's values."""
+    return {
+        key: Param(None, type=["null", kind], description=f"{what}; {setting_help(models, name, key)}")
+        for key, _, kind, what in settings
+    }
+
+
+def setting_flags(settings: tuple[Setting, ...], params: dict[str, Any]) -> list[str]:
+    """The run's changes as the command's flags: ``--flag=value`` for each field filled in (an
+    empty one is the file's value, as its help says)."""
+    return [f"--{flag}={params[key]}" for key, flag, _, _ in settings if params.get(key) not in (None, "")]

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request  # at the top: FastAPI reads the handlers' 
 from fastapi.responses import JSONResponse
 
 from common.errors import InvalidInput
-from monitoring.events import RequestBatch, encode_request
+from monitoring.events import RequestBatch, encode_request, request_columns
 
 REQUEST, RESPONSE = "request", "response"
 ROW_INPUT = "input"  # the input V1 rows of plain values (lists, not named features) are logged as
@@ -114,23 +114,18 @@ def logged_request(request: LoggedEvent, response: LoggedEvent | None, version: 
                 f"the response is not a prediction: {str(response.body[:200], 'utf-8', 'replace')} ({exc})"
             )
     latency_s = max(0.0, response.time_s - request.time_s) if response is not None else 0.0
-    if error is not None:
-        return encode_request(
-            request.time_s, latency_s, request.service, version, request.role, request.id, protocol, b"{}",
-            None, {}, error,
-        )  # fmt: skip
-    compact = orjson.dumps(body)  # one line: the layout's body has no newline
+    if error is not None:  # the layout's error request: no rows, no body
+        row_input, outputs = None, {}
+    compact = orjson.dumps(body if error is None else {})  # one line: the layout's body has no newline
     return encode_request(
         request.time_s, latency_s, request.service, version, request.role, request.id, protocol, compact,
-        row_input, outputs,
+        row_input, outputs, error,
     )  # fmt: skip
 
 
 def _outputs(answer: Any, protocol: str) -> dict[str, list[Any]]:
     """The named output columns of a V1 or V2 answer: rows of dicts become a column per key."""
     if protocol == "v2":
-        from monitoring.events import request_columns
-
         return request_columns({"inputs": answer["outputs"]}, "v2", None)
     rows = answer["predictions"]
     if not isinstance(rows, list) or not rows:
@@ -148,7 +143,7 @@ class Pairs:
         self.hold_s, self.most = hold_s, most
         self._waiting: OrderedDict[tuple[str, str], tuple[float, LoggedEvent]] = OrderedDict()
 
-    def add(self, event: LoggedEvent, now_s: float) -> tuple[LoggedEvent, LoggedEvent | None] | None:
+    def add(self, event: LoggedEvent, now_s: float) -> tuple[LoggedEvent, LoggedEvent] | None:
         """The pair this event completes (request, response), or None while its other half is away."""
         other = (event.service, event.id)
         waiting = self._waiting.pop(other, None)
