@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,6 +141,9 @@ class LogsSettings(_Section):
         ge=1 << 20,
         description="the spool's cap on disk (and the dead letters'): past it, events are dropped and counted",
     )
+    receiver_port: int = Field(
+        8095, ge=1, le=65535, description="port of `mlops logs receive`, where KServe's logger posts"
+    )
     feedback_lookback_s: float = Field(
         86_400.0,
         ge=0,
@@ -184,7 +188,11 @@ class KServeSettings(_Section):
     image: str = Field("mlops-runtime:latest", description="runtime image of predictor and transformer pods")
     gpus: int = Field(1, ge=0, description="nvidia.com/gpu per predictor pod (0: CPU)")
     service_account: str | None = Field(None, description="service account with access to the model store")
-    logger_url: str | None = Field(None, description="where KServe's logger sends every request and response")
+    logger_url: str = Field(
+        "http://mlops-log-receiver.{namespace}.svc.cluster.local/",
+        description="where KServe's logger sends every request and response ({namespace}: the"
+        " InferenceService's; default: the receiver of docker/k8s/log-receiver.yaml); empty: none",
+    )
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(3, ge=1)
 
@@ -201,6 +209,11 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(PROJECT_ROOT / ".state", description="pids, logs, databases, artifacts")
+    local_state: bool = Field(
+        True,
+        description="false where a step has no state dir (a pod: the operator's Kubernetes launcher sets it):"
+        " what the state dir would hold must then come from settings, and a step that needs one says which",
+    )
     host: str = Field("127.0.0.1", description="address the servers bind to")
     runtime_venv: Path = Field(
         Path(sys.prefix), description="the runtime environment Airflow tasks run `mlops` from"
@@ -230,7 +243,7 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_url(self) -> str:
-        return self.mlflow.url or f"http://{_client_host(self.host)}:{self.mlflow.port}"
+        return self.mlflow.url or self._embedded_url(("mlflow", "url"), "MLflow", self.mlflow.port)
 
     @property
     def airflow_url(self) -> str:
@@ -238,7 +251,23 @@ class Settings(BaseSettings):
 
     @property
     def serving_url(self) -> str:
-        return self.serving.url or f"http://{_client_host(self.host)}:{self.serving.port}"
+        return self.serving.url or self._embedded_url(
+            ("serving", "url"), "the model server", self.serving.port
+        )
+
+    @property
+    def log_receiver_url(self) -> str:
+        """Where the stack's receiver of KServe's logger events listens (`mlops logs receive`)."""
+        return f"http://{_client_host(self.host)}:{self.logs.receiver_port}"
+
+    def _embedded_url(self, setting: tuple[str, ...], what: str, port: int) -> str:
+        """The embedded stack's server on this machine; without local state (a pod) there is none."""
+        if not self.local_state:
+            raise ConfigError(
+                f"{what}: set {env_name(setting)}; this step runs without local state"
+                f" ({env_name(('local_state',))}=false, as in a pod), where no embedded server runs"
+            )
+        return f"http://{_client_host(self.host)}:{port}"
 
     @property
     def deployment_target(self) -> str:
@@ -246,7 +275,12 @@ class Settings(BaseSettings):
 
     @property
     def log_store_url(self) -> str:
-        return self.logs.store or f"sqlite:///{self.state_dir / 'logs' / 'inference.db'}"
+        if self.logs.store:
+            return self.logs.store
+        path = self.state_file(
+            self.state_dir / "logs" / "inference.db", ("logs", "store"), "the inference log"
+        )
+        return f"sqlite:///{path}"
 
     def log_store_options(self) -> dict[str, Any]:
         """What a search store needs besides its URL (secrets from the environment)."""
@@ -259,6 +293,23 @@ class Settings(BaseSettings):
             "api_key": logs.api_key.get_secret_value() if logs.api_key else None,
             "verify_certs": logs.verify_certs,
         }
+
+    def state_file(self, path: Path, setting: tuple[str, ...], what: str) -> Path:
+        """``path`` (a file the embedded default keeps in the state dir), or, where this process has
+        no local state, a ConfigError naming the setting that replaces it."""
+        if not self.local_state:
+            raise ConfigError(
+                f"{what} needs {env_name(setting)}: this step runs without local state ({env_name(('local_state',))}"
+                f"=false, as in a pod), and its default is a file of the state dir ({path})"
+            )
+        return path
+
+    def scratch_dir(self, name: str) -> Path:
+        """Where a step keeps copies and caches it can do without (reports before MLflow has them,
+        downloaded versions): ``<state_dir>/<name>``, or a temporary folder without local state."""
+        if self.local_state:
+            return self.state_dir / name
+        return Path(tempfile.gettempdir()) / f"mlops-{name}"
 
     @property
     def serving_dir(self) -> Path:

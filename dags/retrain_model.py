@@ -155,6 +155,7 @@ with DAG(
             task_id=step,
             arguments=asked[step],
             links=step in LINKED,
+            gpu=step == "train",  # in a pod: the connection's GPUs (a process uses what it finds)
             retries=1,  # MLflow or the log store away for a moment (a refused candidate is not retried)
             retry_delay=timedelta(seconds=30),
         )

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "receive", help="KServe's logger events (CloudEvents) into the store, until stopped"
     )
     receive.add_argument("--host", help="the address to listen on (default: MLOPS_HOST)")
-    receive.add_argument("--port", type=int, default=8095, help="the port (default: 8095)")
+    receive.add_argument("--port", type=int, help="the port (default: MLOPS_LOGS__RECEIVER_PORT, 8095)")
     receive.set_defaults(handler=_logs_receive)
 
     profile = commands.add_parser(
@@ -637,7 +637,7 @@ def _serve_manifests(settings: Settings, args: argparse.Namespace) -> tuple[Any,
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_manifests(settings.kserve).items():
+    for name, text in render_manifests(settings.kserve, settings.logs).items():
         (args.output_dir / name).write_text(text)
         written.append(str(args.output_dir / name))
     return {"written": written}, 0
@@ -666,8 +666,13 @@ def _logs_query(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]
     start, end = _window(args)
     store = _log_store(settings, args)
     if args.jsonl:
+        lines = [] if args.result_file is not None else None  # a pod's XCom: the events as one array
         for event in store.query(args.model, start, end, args.version, args.role):
             _STDOUT.write(json.dumps(event.to_dict()) + "\n")
+            if lines is not None:
+                lines.append(event.to_dict())
+        if lines is not None:
+            _write_result(json.dumps(lines), args.result_file)
         return None, 0
     return summarize(store, args.model, start, end, args.version, args.role, args.limit), 0
 
@@ -714,11 +719,12 @@ def _logs_assets(settings: Settings, args: argparse.Namespace) -> tuple[Any, int
 def _logs_receive(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
     from serving.logger.kserve import serve
 
-    if not 0 < args.port < 65536:
-        raise InvalidInput(f"--port: expected a port number, got {args.port}")
+    port = settings.logs.receiver_port if args.port is None else args.port
+    if not 0 < port < 65536:
+        raise InvalidInput(f"--port: expected a port number, got {port}")
     host = args.host or settings.host
-    code = serve(settings, host, args.port, _progress)
-    return {"receiver": f"http://{host}:{args.port}/", "stopped": True}, code
+    code = serve(settings, host, port, _progress)
+    return {"receiver": f"http://{host}:{port}/", "stopped": True}, code
 
 
 def _profile(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]:
@@ -848,8 +854,12 @@ def _emit(payload: Any, result_file: Path | None) -> None:
     text = json.dumps(payload, default=_jsonable, indent=2 if sys.stdout.isatty() else None)
     print(text, flush=True)
     if result_file is not None:
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_text(text)
+        _write_result(text, result_file)
+
+
+def _write_result(text: str, result_file: Path) -> None:
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def monitor_window(
     def kinds(version: str) -> dict[str, Any] | None:
         try:
             profile = load_stored_profile(
-                settings.mlflow_url, model, version, settings.state_dir / "profiles"
+                settings.mlflow_url, model, version, settings.scratch_dir("profiles")
             )
         except (ConfigError, ModelNotFound) as exc:
             profiles[version], missing[version] = None, str(exc)
@@ -235,7 +235,7 @@ def _report(
     name = f"{result['model']}-{window['start_ms']}-{window['end_ms']}"
     features = {v: list(p.features) for v, p in profiles.items() if p is not None}
     local = write_monitor_report(
-        result, features, previous, settings.state_dir / "monitoring" / f"{name}.html"
+        result, features, previous, settings.scratch_dir("monitoring") / f"{name}.html"
     )
     client = MlflowClient(settings.mlflow_url)
     try:

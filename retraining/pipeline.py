@@ -76,9 +76,8 @@ class Retraining:
         self.settings, self.model, self.key = settings, model, trigger_key
         self.config: RetrainConfig = load_retrain_config(settings.deploy.models_file, model, overrides)
         self.client = MlflowClient(settings.mlflow_url)
-        self.cache = (
-            settings.state_dir / "retraining"
-        )  # the versions fetched (the model server's cache format)
+        # The versions fetched (the model server's cache format).
+        self.cache = settings.scratch_dir("retraining")
         self._scratch = tempfile.TemporaryDirectory(prefix="retrain-")  # downloads and files to log
 
     # --- the run and its artifacts ------------------------------------------------------------

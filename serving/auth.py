@@ -25,7 +25,8 @@ def admin_token(settings: Settings) -> str:
     """MLOPS_SERVING__ADMIN_TOKEN when set; else ``<state_dir>/serving/admin-token`` (made 0600 once)."""
     if settings.serving.admin_token is not None:
         return settings.serving.admin_token.get_secret_value()
-    return _generated(settings.serving_dir / TOKEN_FILE)
+    path = settings.state_file(settings.serving_dir / TOKEN_FILE, ("serving", "admin_token"), "the admin API")
+    return _generated(path)
 
 
 def feedback_token(settings: Settings) -> str | None:
@@ -34,7 +35,10 @@ def feedback_token(settings: Settings) -> str | None:
         return settings.serving.feedback_token.get_secret_value()
     if loopback(settings.host):
         return None
-    return _generated(settings.serving_dir / FEEDBACK_TOKEN_FILE)
+    path = settings.state_file(
+        settings.serving_dir / FEEDBACK_TOKEN_FILE, ("serving", "feedback_token"), "POST /v1/feedback"
+    )
+    return _generated(path)
 
 
 def loopback(host: str) -> bool:

@@ -437,7 +437,7 @@ def _report(settings: Settings, registry: Registry, record: dict[str, Any]) -> d
     from serving.report import write_report
 
     name = f"{record['model']}-v{record['version']}-{_safe(record['run_id'])}"
-    local = write_report(record, settings.state_dir / "reports" / f"{name}.html")
+    local = write_report(record, settings.scratch_dir("reports") / f"{name}.html")
     client = registry.client
     experiment = experiment_id(client, settings.deploy.reports_experiment)
     run = client.create_run(

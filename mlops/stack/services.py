@@ -61,7 +61,7 @@ class Component:
 
 def build_components(settings: Settings) -> tuple[Component, ...]:
     """The stack for these settings, in start order."""
-    return (_mlflow(settings), _airflow(settings), _serving(settings))
+    return (_mlflow(settings), _airflow(settings), _serving(settings), _log_receiver(settings))
 
 
 def find_service(components: tuple[Component, ...], name: str) -> Service:
@@ -326,5 +326,27 @@ def _serving(settings: Settings) -> Component:
         url=settings.serving_url,
         services=(service,),
         probe=_http_probe("serving", settings.serving_url, "/v2/health/ready"),
+        health_timeout_s=settings.serving.health_timeout_s,
+    )
+
+
+def _log_receiver(settings: Settings) -> Component:
+    """KServe's logger sink (serving/logger/kserve.py): on one machine the model server logs by
+    itself, so nothing posts here unless pointed at it; it runs so that what a cluster's
+    InferenceServices would send is received by the same code here, and tested so."""
+    service = Service(
+        name="log-receiver",
+        component="log-receiver",
+        argv=(str(settings.runtime_python), "-m", "mlops", "logs", "receive"),
+        port=settings.logs.receiver_port,
+        port_setting=env_name(("logs", "receiver_port")),
+        environment_setting=env_name(("runtime_venv",)),
+        prepare=lambda: settings.serving_dir.mkdir(parents=True, exist_ok=True),
+    )
+    return Component(
+        name="log-receiver",
+        url=settings.log_receiver_url,
+        services=(service,),
+        probe=_http_probe("log-receiver", settings.log_receiver_url, "/healthz"),
         health_timeout_s=settings.serving.health_timeout_s,
     )

@@ -2,13 +2,17 @@
 
 The command is the same wherever it runs; the runtime connection (runtime.py) chooses the launcher:
 a subprocess with the runtime interpreter on this machine, or a pod from the runtime image through
-the KubernetesPodOperator. The command's JSON result becomes the task's XCom return value; a
-failing command fails the task with the command's own error message (exit 2, bad usage or
-configuration, fails it without retries).
+the KubernetesPodOperator. The command's JSON result becomes the task's XCom return value (from a
+pod: the file ``--result-file`` writes, which the pod's XCom sidecar reads); a failing command
+fails the task with the command's own error message, and exit 2 (bad usage or configuration) fails
+it without retries, from a pod as from a process. A pod has no state dir: its command runs with
+MLOPS_LOCAL_STATE=false, so a setting that is missing is named at once instead of a file being
+made in a container that is thrown away.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -39,11 +43,14 @@ class _RunsMlops:
     log: Any
     _process: subprocess.Popen[str] | None = None
 
-    def _configure(self, arguments: Any, mlops_conn_id: str, env: dict[str, str] | None) -> None:
+    def _configure(
+        self, arguments: Any, mlops_conn_id: str, env: dict[str, str] | None, gpu: bool = False
+    ) -> None:
         # A list (templated strings), or an XComArg an upstream task fills with the list at run time.
         self.arguments = list(arguments) if isinstance(arguments, list | tuple) else arguments
         self.mlops_conn_id = mlops_conn_id
         self.env = dict(env or {})
+        self.gpu = gpu
         self._process = None
 
     @property
@@ -54,7 +61,7 @@ class _RunsMlops:
         try:
             runtime = MlopsRuntimeHook(self.mlops_conn_id).get_runtime()
             if runtime.launcher == "kubernetes":
-                result = self.pod_operator(runtime).execute(context)
+                result = self._run_pod(runtime, context)
             else:
                 result = self._run_subprocess(runtime)
         except AirflowException as exc:
@@ -122,18 +129,38 @@ class _RunsMlops:
 
     # --- in a pod ---------------------------------------------------------------------------
 
+    def _run_pod(self, runtime: RuntimeConfig, context: Any) -> Any:
+        pod = self.pod_operator(runtime)
+        try:
+            return pod.execute(context)
+        except AirflowException as exc:
+            if not pod.exit_code:  # the command never ran or did not fail: the pod's own error
+                raise
+            # The command's result file holds its error, read by the sidecar as on success.
+            stdout = json.dumps(pod.result) if pod.result is not None else ""
+            return self._result(pod.exit_code, stdout, [str(exc).splitlines()[0]])
+
     def pod_operator(self, runtime: RuntimeConfig) -> Any:
         """The same command as a KubernetesPodOperator on the runtime image."""
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from kubernetes.client import models as k8s
 
         optional: dict[str, Any] = {}
         if runtime.kubernetes_conn_id:
             optional["kubernetes_conn_id"] = runtime.kubernetes_conn_id
-        if runtime.gpus:
-            gpus = {"nvidia.com/gpu": str(runtime.gpus)}
-            optional["container_resources"] = k8s.V1ResourceRequirements(limits=gpus, requests=gpus)
-        return KubernetesPodOperator(
+        resources = {part: dict(values) for part, values in runtime.resources.items()}
+        if self.gpu and runtime.gpus:
+            for part in ("requests", "limits"):
+                resources.setdefault(part, {})["nvidia.com/gpu"] = str(runtime.gpus)
+        if resources:
+            optional["container_resources"] = k8s.V1ResourceRequirements(**resources)
+        env_from = [
+            *(
+                k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=n))
+                for n in runtime.config_maps
+            ),
+            *(k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=n)) for n in runtime.secrets),
+        ]
+        return _pod_operator_class()(
             task_id=self.task_id,
             name=f"mlops-{self.task_id}".replace("_", "-").lower(),
             namespace=runtime.namespace,
@@ -141,7 +168,8 @@ class _RunsMlops:
             image_pull_policy=runtime.image_pull_policy,
             cmds=["mlops"],
             arguments=["--result-file", XCOM_RESULT_FILE, *self.command],
-            env_vars={**runtime.env, **self.env},
+            env_vars={**runtime.env, **self.env, "MLOPS_LOCAL_STATE": "false"},
+            env_from=env_from,
             service_account_name=runtime.service_account,
             labels={"app.kubernetes.io/part-of": "mlops", "mlops/task": self.task_id.replace("_", "-")},
             do_xcom_push=True,
@@ -149,6 +177,32 @@ class _RunsMlops:
             on_finish_action="delete_pod",
             **optional,
         )
+
+
+@functools.cache
+def _pod_operator_class() -> type:
+    """The KubernetesPodOperator, keeping the command's exit code and result file as the pod ends
+    (the provider raises one error for every failure; exit 2 must not be retried). Made on first
+    use: DAG files that never launch a pod do not import the Kubernetes client."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    class MlopsPod(KubernetesPodOperator):
+        exit_code: int | None = None
+        result: Any = None
+
+        def cleanup(self, pod: Any, remote_pod: Any, xcom_result: Any = None, context: Any = None) -> None:
+            self.exit_code, self.result = _exit_code(remote_pod, self.base_container_name), xcom_result
+            super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+
+    return MlopsPod
+
+
+def _exit_code(pod: Any, container: str) -> int | None:
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    for status in statuses:
+        if status.name == container and status.state is not None and status.state.terminated is not None:
+            return int(status.state.terminated.exit_code)
+    return None
 
 
 class MlopsOperator(_RunsMlops, BaseOperator):
@@ -161,6 +215,7 @@ class MlopsOperator(_RunsMlops, BaseOperator):
     :param env: extra MLOPS_* settings for this command (templated).
     :param links: show the task's links (canary report, MLflow version, model server metrics) that
         the command's result names under ``links``.
+    :param gpu: in a pod, ask for the connection's ``gpus`` (training); a process uses what it finds.
     """
 
     template_fields: Sequence[str] = ("arguments", "env")
@@ -173,10 +228,11 @@ class MlopsOperator(_RunsMlops, BaseOperator):
         mlops_conn_id: str = DEFAULT_CONN_ID,
         env: dict[str, str] | None = None,
         links: bool = False,
+        gpu: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._configure(arguments, mlops_conn_id, env)
+        self._configure(arguments, mlops_conn_id, env, gpu)
         if links:
             self.operator_extra_links = LINKS
 
@@ -226,12 +282,24 @@ class MlopsSensor(_RunsMlops, BaseSensorOperator):
 
 
 def _parse_json(stdout: str) -> Any:
+    """One JSON document; JSON lines (``logs query --jsonl``) as a list, as their result file has
+    them; else the last line, if it is JSON."""
     text = stdout.strip()
     if not text:
         return None
-    for candidate in (text, text.splitlines()[-1]):
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    parsed = []
+    for line in text.splitlines():
         try:
-            return json.loads(candidate)
+            parsed.append(json.loads(line))
         except ValueError:
-            continue
-    return None
+            parsed.append(_NOT_JSON)
+    if _NOT_JSON not in parsed:
+        return parsed
+    return None if parsed[-1] is _NOT_JSON else parsed[-1]
+
+
+_NOT_JSON = object()

@@ -5,8 +5,10 @@ The connection's extra (JSON) is the runtime section of the settings, in Airflow
 - ``launcher``: ``subprocess`` (the runtime interpreter on this machine) or ``kubernetes`` (a pod
   from the runtime image, through the KubernetesPodOperator);
 - ``python``: the runtime interpreter, for ``subprocess``;
-- ``image``, ``namespace``, ``kubernetes_conn_id``, ``service_account``, ``gpus``,
-  ``image_pull_policy``: for ``kubernetes``;
+- ``image``, ``namespace``, ``kubernetes_conn_id``, ``service_account``, ``image_pull_policy``,
+  ``resources`` (``requests``/``limits`` of every step's pod), ``gpus`` (``nvidia.com/gpu`` for the
+  steps that ask for one: training), ``config_maps`` and ``secrets`` (names: their keys become the
+  pod's environment, so a secret's value never passes through Airflow): for ``kubernetes``;
 - ``env``: MLOPS_* settings passed to the command (MLflow URL, state dir, ...).
 
 `mlops stack up` defines it through ``AIRFLOW_CONN_MLOPS_RUNTIME``; at scale it lives in the
@@ -35,6 +37,9 @@ class RuntimeConfig:
     service_account: str | None = None
     gpus: int = 0
     image_pull_policy: str = "IfNotPresent"
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    config_maps: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -57,6 +62,11 @@ class RuntimeConfig:
         if config.launcher == "kubernetes" and not config.image:
             raise AirflowFailException(
                 f"connection '{conn_id}': launcher 'kubernetes' needs 'image' in extra"
+            )
+        extra_keys = sorted(set(config.resources) - {"requests", "limits"})
+        if extra_keys:
+            raise AirflowFailException(
+                f"connection '{conn_id}': 'resources' takes 'requests' and 'limits', not {extra_keys}"
             )
         return config
 

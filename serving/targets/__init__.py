@@ -92,8 +92,16 @@ def _server(url: str, settings: Settings, token: str | None, owner: str | None) 
 
     if token is None and settings.serving.target_token is not None:
         token = settings.serving.target_token.get_secret_value()
-    if token is None and same_server(url, settings.serving_url):
-        token = admin_token(settings)  # the stack's own token goes to the stack's own server only
+    # The stack's own token goes to the stack's own server only (a pod has no stack: only a
+    # server named by MLOPS_SERVING__URL, whose token is then MLOPS_SERVING__ADMIN_TOKEN).
+    own = settings.local_state or settings.serving.url is not None
+    if token is None and own and same_server(url, settings.serving_url):
+        token = admin_token(settings)
+    if token is None and not settings.local_state:
+        raise ConfigError(
+            f"the model server at {url}: set MLOPS_SERVING__TARGET_TOKEN (its admin token); this step runs"
+            " without local state (MLOPS_LOCAL_STATE=false, as in a pod)"
+        )
     return ServerTarget(url, token, owner=owner)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from common.errors import BackendUnavailable, InvalidInput, LeaseHeld, ModelNotFound
-from common.settings import KServeSettings
+from common.settings import KServeSettings, LogsSettings
 from serving.router import Mode, Role
 from serving.targets import Deployment, Lease, VersionRef
 
@@ -92,6 +92,13 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
     serving = rollout.serving
     version_env = [V1EnvVar(name=VERSION_ENV, value=serving.version)]
     gpus = {"nvidia.com/gpu": str(settings.gpus)} if settings.gpus else {}
+    # One component logs each request: the transformer where there is one (raw features, what
+    # monitoring and retraining read), else the predictor.
+    logger = (
+        V1beta1LoggerSpec(mode="all", url=settings.logger_url.format(namespace=namespace))
+        if settings.logger_url
+        else None
+    )
     predictor = V1beta1PredictorSpec(
         model=V1beta1ModelSpec(
             name="kserve-container",
@@ -107,7 +114,7 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
         min_replicas=settings.min_replicas,
         max_replicas=settings.max_replicas,
         service_account_name=settings.service_account,
-        logger=V1beta1LoggerSpec(mode="all", url=settings.logger_url) if settings.logger_url else None,
+        logger=None if rollout.transformer else logger,
     )
     transformer = None
     if rollout.transformer:
@@ -129,6 +136,7 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
             min_replicas=settings.min_replicas,
             max_replicas=settings.max_replicas,
             service_account_name=settings.service_account,
+            logger=logger,
         )
     annotations = {
         f"{_ANNOTATION}stable-version": rollout.stable.version,
@@ -433,8 +441,168 @@ def _version_has_transformer(uri: str) -> bool:
     return read_bundle(fetch(uri, cache, tracking_uri="")).transformer is not None
 
 
-def render_manifests(settings: KServeSettings) -> dict[str, str]:
-    """The files of docker/k8s/: the serving runtimes, and an example InferenceService mid-canary."""
+RECEIVER = "mlops-log-receiver"
+RUNTIME_ACCOUNT = "mlops-runtime"
+SETTINGS_MAP, SECRETS = "mlops-settings", "mlops-secrets"
+_PART_OF = {"app.kubernetes.io/part-of": "mlops"}
+_STATE = "/var/lib/mlops"
+
+
+def cluster_settings(namespace: str) -> Any:
+    """The settings every mlops pod of the namespace reads (a ConfigMap, as MLOPS_* variables): where
+    MLflow, the log store and the InferenceServices are. Secrets (the store's password or API key,
+    S3 credentials) go in the Secret ``mlops-secrets``, made by hand or by a secrets operator."""
+    from kubernetes.client import V1ConfigMap, V1ObjectMeta
+
+    data = {
+        "MLOPS_MLFLOW__URL": f"http://mlflow.{namespace}.svc.cluster.local:5000",
+        "MLOPS_LOGS__STORE": f"elasticsearch://elasticsearch.{namespace}.svc.cluster.local:9200",
+        "MLOPS_SERVING__TARGET": f"kserve://{namespace}",
+    }
+    return V1ConfigMap(
+        api_version="v1", kind="ConfigMap",
+        metadata=V1ObjectMeta(name=SETTINGS_MAP, namespace=namespace, labels=_PART_OF), data=data,
+    )  # fmt: skip
+
+
+def _settings_from_cluster() -> list[Any]:
+    from kubernetes.client import V1ConfigMapEnvSource, V1EnvFromSource, V1SecretEnvSource
+
+    return [
+        V1EnvFromSource(config_map_ref=V1ConfigMapEnvSource(name=SETTINGS_MAP)),
+        V1EnvFromSource(secret_ref=V1SecretEnvSource(name=SECRETS, optional=True)),
+    ]
+
+
+def _account(name: str, namespace: str, verbs: list[str]) -> list[Any]:
+    """A service account allowed ``verbs`` on the namespace's InferenceServices."""
+    from kubernetes.client import (
+        RbacV1Subject,
+        V1ObjectMeta,
+        V1PolicyRule,
+        V1Role,
+        V1RoleBinding,
+        V1RoleRef,
+        V1ServiceAccount,
+    )
+
+    meta = V1ObjectMeta(name=name, namespace=namespace, labels=_PART_OF)
+    return [
+        V1ServiceAccount(api_version="v1", kind="ServiceAccount", metadata=meta),
+        V1Role(
+            api_version="rbac.authorization.k8s.io/v1", kind="Role", metadata=meta,
+            rules=[V1PolicyRule(api_groups=["serving.kserve.io"], resources=["inferenceservices"], verbs=verbs)],
+        ),
+        V1RoleBinding(
+            api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding", metadata=meta,
+            role_ref=V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+            subjects=[RbacV1Subject(kind="ServiceAccount", name=name, namespace=namespace)],
+        ),
+    ]  # fmt: skip
+
+
+def runtime_steps(namespace: str) -> list[Any]:
+    """What the DAGs' steps run as in pods (the operator's Kubernetes launcher, ``service_account``
+    ``mlops-runtime``): the rollout steps replace InferenceServices; nothing else in the cluster."""
+    return _account(
+        RUNTIME_ACCOUNT, namespace, ["get", "list", "watch", "create", "update", "patch", "delete"]
+    )
+
+
+def log_receiver(namespace: str, settings: KServeSettings, port: int, spool_bytes: int) -> list[Any]:
+    """KServe's logger sink (`mlops logs receive`) in the cluster: the InferenceServices' logger URL
+    names its Service. A StatefulSet, so each replica's spool (a store outage loses nothing) is on
+    a volume of its own that outlives the pod; the Service keeps a caller on one replica (session
+    affinity by client IP: a predictor's request and response events come from one agent, and are
+    paired in one process). Its account may read InferenceServices: the versions each role serves."""
+    from kubernetes.client import (
+        V1Container,
+        V1ContainerPort,
+        V1EnvVar,
+        V1HTTPGetAction,
+        V1LabelSelector,
+        V1ObjectMeta,
+        V1PersistentVolumeClaim,
+        V1PersistentVolumeClaimSpec,
+        V1PodSpec,
+        V1PodTemplateSpec,
+        V1Probe,
+        V1ResourceRequirements,
+        V1Service,
+        V1ServicePort,
+        V1ServiceSpec,
+        V1StatefulSet,
+        V1StatefulSetSpec,
+        V1VolumeMount,
+        V1VolumeResourceRequirements,
+    )
+
+    labels = {**_PART_OF, "app.kubernetes.io/name": RECEIVER}
+    health = V1HTTPGetAction(path="/healthz", port="http")
+    env = {
+        "MLOPS_HOST": "0.0.0.0",
+        "MLOPS_STATE_DIR": _STATE,  # the spool and dead letters: the volume below
+        "MLOPS_LOGS__RECEIVER_PORT": str(port),
+        "MLOPS_LOGS__SPOOL_MAX_BYTES": str(spool_bytes),
+    }
+    container = V1Container(
+        name="receiver",
+        image=settings.image,
+        command=["mlops", "logs", "receive"],
+        env=[V1EnvVar(name=k, value=v) for k, v in env.items()],
+        env_from=_settings_from_cluster(),
+        ports=[V1ContainerPort(name="http", container_port=port)],
+        readiness_probe=V1Probe(http_get=health, period_seconds=5),
+        liveness_probe=V1Probe(http_get=health, period_seconds=20, failure_threshold=3),
+        resources=V1ResourceRequirements(
+            requests={"cpu": "250m", "memory": "512Mi"}, limits={"cpu": "1", "memory": "1Gi"}
+        ),
+        volume_mounts=[V1VolumeMount(name="state", mount_path=_STATE)],
+    )
+    # The spool and the dead letters each hold up to spool_bytes: the claim has room for both.
+    claim = V1PersistentVolumeClaim(
+        metadata=V1ObjectMeta(name="state"),
+        spec=V1PersistentVolumeClaimSpec(
+            access_modes=["ReadWriteOnce"],
+            resources=V1VolumeResourceRequirements(
+                requests={"storage": f"{-(-3 * spool_bytes // (1 << 30))}Gi"}
+            ),
+        ),
+    )
+    meta = V1ObjectMeta(name=RECEIVER, namespace=namespace, labels=labels)
+    pods = f"{RECEIVER}-pods"
+    return [
+        *_account(RECEIVER, namespace, ["get", "list"]),
+        V1StatefulSet(
+            api_version="apps/v1", kind="StatefulSet", metadata=meta,
+            spec=V1StatefulSetSpec(
+                replicas=2, service_name=pods, selector=V1LabelSelector(match_labels=labels),
+                template=V1PodTemplateSpec(
+                    metadata=V1ObjectMeta(labels=labels),
+                    # Time to hand what it holds to the store or the spool after SIGTERM.
+                    spec=V1PodSpec(service_account_name=RECEIVER, containers=[container],
+                                   termination_grace_period_seconds=30),
+                ),
+                volume_claim_templates=[claim],
+            ),
+        ),
+        V1Service(
+            api_version="v1", kind="Service", metadata=meta,
+            spec=V1ServiceSpec(
+                selector=labels, session_affinity="ClientIP",
+                ports=[V1ServicePort(name="http", port=80, target_port="http")],
+            ),
+        ),
+        V1Service(  # the StatefulSet's governing (headless) Service
+            api_version="v1", kind="Service", metadata=V1ObjectMeta(name=pods, namespace=namespace, labels=labels),
+            spec=V1ServiceSpec(cluster_ip="None", selector=labels, ports=[V1ServicePort(name="http", port=port)]),
+        ),
+    ]  # fmt: skip
+
+
+def render_manifests(settings: KServeSettings, logs: LogsSettings) -> dict[str, str]:
+    """The files of docker/k8s/: the serving runtimes, the settings every mlops pod reads, the log
+    receiver, the steps' account, and an example InferenceService mid-canary."""
     import yaml
 
     header = "# Generated by `mlops serve manifests --output-dir docker/k8s` (serving/targets/kserve.py).\n"
@@ -444,10 +612,17 @@ def render_manifests(settings: KServeSettings) -> dict[str, str]:
         canary_percent=10,
         transformer=True,
     )
+    namespace = "mlops"
     documents = {
         "cluster-serving-runtimes.yaml": [to_manifest(r) for r in serving_runtimes(settings)],
+        "settings.yaml": [to_manifest(cluster_settings(namespace))],
+        "log-receiver.yaml": [
+            to_manifest(o)
+            for o in log_receiver(namespace, settings, logs.receiver_port, logs.spool_max_bytes)
+        ],
+        "runtime-steps.yaml": [to_manifest(o) for o in runtime_steps(namespace)],
         "example-inferenceservice.yaml": [
-            to_manifest(inference_service("demo-fraud", "mlops", example, settings))
+            to_manifest(inference_service("demo-fraud", namespace, example, settings))
         ],
     }
     return {

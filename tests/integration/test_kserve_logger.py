@@ -54,11 +54,18 @@ def receiver_at(store_url: str, tmp_path, hold_s: float = 60.0):
 
 
 def post(
-    client: httpx.Client, kind: str, event_id: str, body: dict, endpoint: str = "", at: str = ""
+    client: httpx.Client,
+    kind: str,
+    event_id: str,
+    body: dict,
+    endpoint: str = "",
+    at: str = "",
+    service: str = "fraud",
 ) -> httpx.Response:
+    """One event as KServe's agent posts it (binary mode)."""
     headers = {
         "ce-specversion": "1.0", "ce-id": event_id, "ce-source": "http://localhost:9081/",
-        "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": "fraud",
+        "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": service,
         "ce-namespace": "models", "ce-endpoint": endpoint, "ce-component": "predictor",
         "content-type": "application/json",
     }  # fmt: skip

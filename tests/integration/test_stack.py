@@ -26,6 +26,7 @@ def stack(tmp_path_factory):
         MLOPS_STATE_DIR=str(state),
         MLOPS_MLFLOW__PORT=str(free_port()),
         MLOPS_AIRFLOW__PORT=str(free_port()),
+        MLOPS_LOGS__RECEIVER_PORT=str(free_port()),
     )
     # The README's main job: the stack up from nothing, then a DAG run through Airflow.
     demo = run_mlops("demo", "--ttl-s", TTL_S, env=env, timeout=1200)
@@ -72,6 +73,7 @@ def test_the_stack_comes_up_healthy_with_every_process_and_the_airflow_login(sta
     assert stack["demo"]["airflow_login"] == login
     assert up["watchdog"]["pid"] > 0
     assert up["components"]["serving"]["healthy"] is True
+    assert up["components"]["log-receiver"]["healthy"] is True
 
 
 def test_the_airflow_password_is_never_printed_and_its_file_is_private(stack):
@@ -172,6 +174,26 @@ def test_every_demo_prediction_is_in_the_inference_log_with_its_labels(stack):
     registry = stack["demo"]["registry"]
     assert set(query.json["by_version"]) == {registry["first"], registry["good"], registry["bad"]}
     assert query.json["events"][0]["inputs"].keys() == {"amount", "age_days", "country"}
+
+
+def test_kserve_logger_events_posted_to_the_stacks_receiver_read_back_like_the_servers_own(stack):
+    """`mlops stack run log-receiver` as the stack runs it: CloudEvents as an InferenceService's
+    agent posts them, the version named by the stack's model server, read back by `mlops logs query`."""
+    from tests.integration.test_kserve_logger import post
+
+    model, key = "demo-fraud", f"kserve-{time.time_ns()}"
+    rows = [{"amount": 12.5, "age_days": 40, "country": "DE"}]
+    url = stack["up"]["components"]["log-receiver"]["url"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert post(client, "request", key, {"instances": rows}, service=model).status_code == 202
+        done = post(client, "response", key, {"predictions": [{"label": "legit"}]}, service=model)
+        assert done.status_code == 200 and done.json() == {"paired": True, "logged": 1}
+    query = run_mlops("logs", "query", "--model", model, "--since", "5m", "--jsonl", env=stack["env"])
+    assert query.code == 0, query.stderr
+    [event] = [e for e in map(json.loads, query.stdout.splitlines()) if e["request_id"] == key]
+    stable = run_mlops("serve", "status", model, env=stack["env"]).json["stable"]["version"]
+    assert (event["version"], event["role"], event["status"]) == (stable, "stable", "ok")
+    assert event["inputs"] == rows[0] and event["outputs"] == {"label": "legit"}
 
 
 def test_cli_drives_the_stacks_model_server(stack):

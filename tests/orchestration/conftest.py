@@ -62,6 +62,12 @@ def runtime_connection(**extra: object) -> str:
     return json.dumps({"conn_type": "generic", "extra": base})
 
 
+def pod_like(settings: dict[str, str]) -> dict[str, str]:
+    """The tasks' settings as a pod gets them from the Kubernetes launcher: no local state, so a
+    step that would fall back to a file of the state dir fails naming the setting instead."""
+    return {**settings, "MLOPS_LOCAL_STATE": "false"}
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated metadata database, made once per test session."""
@@ -210,7 +216,7 @@ class RuntimeWorld:
         """The project's DAG as Airflow parses it, its tasks running in this runtime."""
         from airflow.dag_processing.dagbag import DagBag
 
-        monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=self.settings))
+        monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=pod_like(self.settings)))
         monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", self.settings["MLOPS_DEPLOY__MODELS_FILE"])
         bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
         assert bag.import_errors == {}

@@ -94,6 +94,7 @@ def test_retrain_model_is_scheduled_on_the_drift_of_each_model_the_file_retrains
     for before, after in zip(steps[1:], steps[2:], strict=False):
         assert before in {t.task_id for t in dag.get_task(after).upstream_list}
     assert {link.name for link in dag.get_task("approve").operator_extra_links} >= {"MLflow model version"}
+    assert [step for step in steps if dag.get_task(step).gpu] == ["train"]  # a GPU in its pod
     params = dag.params
     assert params.get_param("margin").schema["type"] == ["null", "number"]
     assert "default 0.02" in params.get_param("margin").description

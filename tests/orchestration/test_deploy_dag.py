@@ -20,6 +20,7 @@ from tests.orchestration.conftest import (
     RUNTIME_PYTHON,
     clean_env,
     free_port,
+    pod_like,
     runtime_connection,
     start_detached,
     stop_detached,
@@ -62,6 +63,7 @@ def world(mlflow_registry, airflow_db, tmp_path_factory):
         "MLOPS_MLFLOW__URL": mlflow_registry.url,
         "MLOPS_SERVING__URL": f"http://127.0.0.1:{port}",
         "MLOPS_SERVING__ADMIN_TOKEN": TOKEN,
+        "MLOPS_LOGS__STORE": f"sqlite:///{tmp / 'inference.db'}",
         "MLOPS_DEPLOY__MODELS_FILE": str(models_file),
     }
     server = start_detached(
@@ -106,7 +108,7 @@ def world(mlflow_registry, airflow_db, tmp_path_factory):
 def deploy_dag(world, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=world["settings"]))
+    monkeypatch.setenv("AIRFLOW_CONN_MLOPS_RUNTIME", runtime_connection(env=pod_like(world["settings"])))
     monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MODELS_FILE", world["settings"]["MLOPS_DEPLOY__MODELS_FILE"])
     monkeypatch.setenv("AIRFLOW_VAR_MLOPS_MLFLOW_URL", world["registry"].url)
     bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags"))

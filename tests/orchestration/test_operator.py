@@ -94,7 +94,8 @@ def test_missing_runtime_interpreter_is_a_clear_failure(monkeypatch, tmp_path):
 def test_kubernetes_launcher_runs_the_same_command_in_a_runtime_pod():
     runtime = RuntimeConfig(
         launcher="kubernetes", image="registry.example/mlops-runtime:0.1.0", namespace="ml",
-        gpus=1, env={"MLOPS_MLFLOW__URL": "http://mlflow.ml:5000"},
+        gpus=1, env={"MLOPS_MLFLOW__URL": "http://mlflow.ml:5000"}, secrets=["mlops-secrets"],
+        config_maps=["mlops-settings"], resources={"requests": {"cpu": "1"}, "limits": {"memory": "4Gi"}},
     )  # fmt: skip
     op = MlopsOperator(task_id="verify_model", arguments=["doctor", "", "--require-gpu"], env={"EXTRA": "1"})
     pod = op.pod_operator(runtime).build_pod_request_obj(dry_run=True)
@@ -106,10 +107,21 @@ def test_kubernetes_launcher_runs_the_same_command_in_a_runtime_pod():
     assert {e.name: e.value for e in container.env} == {
         "MLOPS_MLFLOW__URL": "http://mlflow.ml:5000",
         "EXTRA": "1",
+        "MLOPS_LOCAL_STATE": "false",  # a pod has no state dir: a missing setting is named at once
     }
-    assert container.resources.limits == {"nvidia.com/gpu": "1"}
+    # Secrets by reference: their values never pass through Airflow.
+    assert [(s.config_map_ref and s.config_map_ref.name, s.secret_ref and s.secret_ref.name) for s in container.env_from] == [
+        ("mlops-settings", None), (None, "mlops-secrets"),
+    ]  # fmt: skip
+    assert (container.resources.requests, container.resources.limits) == ({"cpu": "1"}, {"memory": "4Gi"})
     # The xcom sidecar reads the result file the command writes.
     assert any(c.name == "airflow-xcom-sidecar" for c in pod.spec.containers)
+    # GPUs only where a step asks for them (training).
+    train = MlopsOperator(task_id="train", arguments=["retrain", "train"], gpu=True)
+    limits = (
+        train.pod_operator(runtime).build_pod_request_obj(dry_run=True).spec.containers[0].resources.limits
+    )
+    assert limits == {"memory": "4Gi", "nvidia.com/gpu": "1"}
 
 
 def test_connection_extra_with_unknown_key_is_refused():

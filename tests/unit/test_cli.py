@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
@@ -98,7 +99,12 @@ def test_every_subcommand_answers_help(path, capsys):
 
 
 def _stack_on_free_ports(monkeypatch) -> None:
-    for name in ("MLOPS_MLFLOW__PORT", "MLOPS_AIRFLOW__PORT", "MLOPS_SERVING__PORT"):
+    for name in (
+        "MLOPS_MLFLOW__PORT",
+        "MLOPS_AIRFLOW__PORT",
+        "MLOPS_SERVING__PORT",
+        "MLOPS_LOGS__RECEIVER_PORT",
+    ):
         monkeypatch.setenv(name, str(free_port()))
 
 
@@ -151,3 +157,52 @@ def test_logs_receive_refuses_a_port_that_is_none_naming_the_flag():
     result = run_mlops("logs", "receive", "--port", "70000")
     assert result.code == 2
     assert "--port" in result.json["error"]["message"]
+
+
+def test_json_lines_also_reach_the_result_file_as_one_array(tmp_path, capsys, monkeypatch):
+    """What a pod's XCom sidecar reads for `logs query --jsonl`: the lines printed, as one JSON array."""
+    import time
+
+    from monitoring.events import InferenceEvent
+    from monitoring.logstore import get_log_store
+
+    store = f"sqlite:///{tmp_path / 'inference.db'}"
+    now = int(time.time() * 1000)
+    get_log_store(store).write(
+        [
+            InferenceEvent(f"e{i}", now - i, "m", "1", "stable", f"r{i}", 0, {"x": i}, {"y": i}, 1.0)
+            for i in range(3)
+        ]
+    )
+    monkeypatch.setenv("MLOPS_LOCAL_STATE", "false")  # as in a pod: the store is named, not the default
+    monkeypatch.setattr(cli, "_STDOUT", sys.stdout)
+    target = tmp_path / "xcom" / "return.json"
+    args = [
+        "--result-file",
+        str(target),
+        "logs",
+        "query",
+        "--model",
+        "m",
+        "--since",
+        "1h",
+        "--jsonl",
+        "--store",
+        store,
+    ]
+    assert cli.main(args) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == 3 and json.loads(target.read_text()) == printed
+
+
+def test_a_step_without_local_state_names_the_setting_it_misses_and_makes_no_file(tmp_path):
+    state = tmp_path / "state"
+    env = mlops_env(MLOPS_LOCAL_STATE="false", MLOPS_STATE_DIR=str(state))
+    result = run_mlops("logs", "query", "--model", "m", "--since", "1h", env=env)
+    assert result.code == 2  # configuration: not worth a retry
+    assert "MLOPS_LOGS__STORE" in result.json["error"]["message"]
+    monitor = run_mlops(
+        "monitor", "run", "m", env={**env, "MLOPS_LOGS__STORE": f"sqlite:///{tmp_path / 'x.db'}"}
+    )
+    assert monitor.code == 2 and "MLOPS_MLFLOW__URL" in monitor.json["error"]["message"]
+    assert not state.exists()

@@ -114,3 +114,45 @@ def test_readme_documents_every_setting():
     readme = (PROJECT_ROOT / "README.md").read_text()
     missing = [name for name in names(Settings) if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_without_local_state_every_file_default_is_refused_naming_its_setting(monkeypatch, tmp_path):
+    """In a pod (MLOPS_LOCAL_STATE=false) nothing falls back to the state dir or the embedded stack."""
+    from serving.auth import admin_token, feedback_token
+    from serving.targets import get_deployment_target
+
+    monkeypatch.setenv("MLOPS_LOCAL_STATE", "false")
+    monkeypatch.setenv("MLOPS_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MLOPS_HOST", "0.0.0.0")
+    settings = load_settings()
+    refused = {
+        "MLOPS_LOGS__STORE": lambda: settings.log_store_url,
+        "MLOPS_MLFLOW__URL": lambda: settings.mlflow_url,
+        "MLOPS_SERVING__URL": lambda: settings.deployment_target,
+        "MLOPS_SERVING__ADMIN_TOKEN": lambda: admin_token(settings),
+        "MLOPS_SERVING__FEEDBACK_TOKEN": lambda: feedback_token(settings),
+        "MLOPS_SERVING__TARGET_TOKEN": lambda: get_deployment_target("http://models.ml:8090", settings),
+    }
+    for setting, use in refused.items():
+        with pytest.raises(ConfigError, match=f"needs {setting}|set {setting}") as caught:
+            use()
+        assert "MLOPS_LOCAL_STATE=false" in str(caught.value)
+    assert not (tmp_path / "state").exists()
+    assert not settings.scratch_dir("reports").is_relative_to(tmp_path)
+
+
+def test_without_local_state_the_settings_that_replace_the_files_are_used(monkeypatch, tmp_path):
+    from serving.auth import admin_token
+
+    token = "t" * 32
+    for key, value in {
+        "MLOPS_LOCAL_STATE": "false", "MLOPS_STATE_DIR": str(tmp_path / "state"),
+        "MLOPS_LOGS__STORE": "elasticsearch://search.ml:9200", "MLOPS_MLFLOW__URL": "http://mlflow.ml:5000",
+        "MLOPS_SERVING__TARGET": "kserve://ml", "MLOPS_SERVING__ADMIN_TOKEN": token,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.log_store_url == "elasticsearch://search.ml:9200"
+    assert settings.mlflow_url == "http://mlflow.ml:5000"
+    assert settings.deployment_target == "kserve://ml" and admin_token(settings) == token
+    assert not (tmp_path / "state").exists()

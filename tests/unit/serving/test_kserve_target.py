@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from unittest.mock import MagicMock
 
@@ -11,14 +12,18 @@ from kserve import KServeClient
 from kubernetes.client.rest import ApiException
 
 from common.errors import InvalidInput, LeaseHeld, ModelNotFound
-from common.settings import KServeSettings
+from common.settings import KServeSettings, LogsSettings
 from serving.targets import VersionRef
 from serving.targets.kserve import (
+    RECEIVER,
     RUNTIME,
     TENSOR_RUNTIME,
     KServeTarget,
     Rollout,
+    cluster_settings,
     inference_service,
+    log_receiver,
+    runtime_steps,
     serving_runtimes,
     to_manifest,
 )
@@ -142,6 +147,9 @@ def test_a_version_with_a_transformer_gets_the_transformer_component():
     assert container["image"] == SETTINGS.image
     assert container["args"] == ["--transformer", "--model_dir=/mnt/models"]
     assert {"name": "STORAGE_URI", "value": V1.uri} in container["env"]
+    # The transformer logs (raw features, what monitoring reads); the predictor's tensors do not.
+    assert manifest["spec"]["transformer"]["logger"] == {"mode": "all", "url": SETTINGS.logger_url}
+    assert "logger" not in predictor(manifest)
 
 
 def test_cpu_only_settings_request_no_gpu():
@@ -191,7 +199,7 @@ def test_committed_k8s_manifests_are_the_rendering_of_the_target_code():
     from serving.targets.kserve import render_manifests
     from tests.helpers import PROJECT_ROOT
 
-    for name, text in render_manifests(KServeSettings()).items():
+    for name, text in render_manifests(KServeSettings(), LogsSettings()).items():
         committed = (PROJECT_ROOT / "docker" / "k8s" / name).read_text()
         assert committed == text, f"run: .venv/bin/mlops serve manifests --output-dir docker/k8s ({name})"
 
@@ -240,3 +248,70 @@ def test_of_two_writers_racing_the_cluster_refuses_the_stale_one():
 def kserve_rollout(manifest: dict) -> Rollout:
     notes = manifest["metadata"]["annotations"]
     return Rollout(VersionRef(notes["mlops.io/stable-version"], notes["mlops.io/stable-uri"]))
+
+
+def by_kind(objects: list) -> dict[str, list[dict]]:
+    kinds: dict[str, list[dict]] = {}
+    for manifest in map(to_manifest, objects):
+        kinds.setdefault(manifest["kind"], []).append(manifest)
+    return kinds
+
+
+def test_inference_services_log_to_the_receivers_service_by_default():
+    manifests = by_kind(log_receiver("ml", KServeSettings(), 8095, 1 << 30))
+    service = next(s for s in manifests["Service"] if s["metadata"]["name"] == RECEIVER)
+    isvc = to_manifest(inference_service("fraud", "ml", Rollout(V1), KServeSettings()))
+    url = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local/"
+    assert predictor(isvc)["logger"] == {"mode": "all", "url": url}
+    assert service["spec"]["ports"][0]["port"] == 80  # the URL names no port
+    assert service["spec"]["sessionAffinity"] == "ClientIP"  # a request and its response: one replica
+    off = to_manifest(inference_service("fraud", "ml", Rollout(V1), KServeSettings(logger_url="")))
+    assert "logger" not in predictor(off)
+
+
+def test_the_receiver_runs_mlops_logs_receive_with_cluster_settings_and_no_file_but_its_spool(monkeypatch):
+    from common.settings import load_settings
+    from serving.logger.kserve import create_app
+
+    manifests = by_kind(log_receiver("ml", KServeSettings(), 8095, 1 << 30))
+    [workload] = manifests["StatefulSet"]
+    pod = workload["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["mlops", "logs", "receive"]
+    service = next(s for s in manifests["Service"] if s["metadata"]["name"] == RECEIVER)
+    assert service["spec"]["selector"] == workload["spec"]["template"]["metadata"]["labels"]
+    port = next(p for p in container["ports"] if p["name"] == service["spec"]["ports"][0]["targetPort"])
+    routes = {
+        (r.path, method) for r in create_app(MagicMock()).routes for method in getattr(r, "methods", ())
+    }
+    assert ("/", "POST") in routes and (container["readinessProbe"]["httpGet"]["path"], "GET") in routes
+    # What the process reads: its env, then the namespace's ConfigMap; the Secret only by reference.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert {"configMapRef": {"name": "mlops-settings"}} in container["envFrom"]
+    assert {"secretRef": {"name": "mlops-secrets", "optional": True}} in container["envFrom"]
+    for key in [k for k in os.environ if k.startswith("MLOPS_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**to_manifest(cluster_settings("ml"))["data"], **env}.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.logs.receiver_port == port["containerPort"] == 8095
+    assert settings.deployment_target == "kserve://ml" and settings.log_store_url.startswith(
+        "elasticsearch://"
+    )
+    mount = container["volumeMounts"][0]
+    assert str(settings.serving_dir).startswith(mount["mountPath"])  # the spool is on the claim
+    assert workload["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]
+    # It reads the InferenceServices (the version of each role), and nothing more.
+    [role] = manifests["Role"]
+    assert role["rules"] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "list"]}
+    ]
+    [binding] = manifests["RoleBinding"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"] == role["metadata"]["name"]
+
+
+def test_the_steps_account_may_do_what_the_kserve_target_does_and_nothing_else():
+    [role] = by_kind(runtime_steps("ml"))["Role"]
+    [rule] = role["rules"]
+    assert rule["resources"] == ["inferenceservices"]
+    assert {"get", "create", "update"} <= set(rule["verbs"])  # _read, create, replace
