@@ -124,15 +124,24 @@ def logged_request(request: LoggedEvent, response: LoggedEvent | None, version: 
 
 
 def _outputs(answer: Any, protocol: str) -> dict[str, list[Any]]:
-    """The named output columns of a V1 or V2 answer: rows of dicts become a column per key."""
+    """The named output columns of a V1 or V2 answer, as the model server logs its own: rows of
+    dicts become a column per key, and a V1 row's scores by label (``{"legit": 0.9, "fraud":
+    0.1}``, how the answer names the output tensor's columns) the scores in their order, as the
+    tensor row the model server logs (the labels are the version's)."""
     if protocol == "v2":
         return request_columns({"inputs": answer["outputs"]}, "v2", None)
     rows = answer["predictions"]
     if not isinstance(rows, list) or not rows:
         raise ValueError("predictions: not a list of rows")
     if all(isinstance(row, dict) for row in rows):
-        return {name: [row.get(name) for row in rows] for name in rows[0]}
+        return {name: [_scores(row.get(name)) for row in rows] for name in rows[0]}
     return {"predictions": rows}
+
+
+def _scores(value: Any) -> Any:
+    if isinstance(value, dict) and value and all(isinstance(v, int | float) for v in value.values()):
+        return list(value.values())
+    return value
 
 
 class Pairs:

@@ -12,6 +12,7 @@ import time
 from unittest.mock import MagicMock
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import uvicorn
@@ -61,12 +62,13 @@ def post(
     endpoint: str = "",
     at: str = "",
     service: str = "fraud",
+    component: str = "predictor",
 ) -> httpx.Response:
     """One event as KServe's agent posts it (binary mode)."""
     headers = {
         "ce-specversion": "1.0", "ce-id": event_id, "ce-source": "http://localhost:9081/",
         "ce-type": f"org.kubeflow.serving.inference.{kind}", "ce-inferenceservicename": service,
-        "ce-namespace": "models", "ce-endpoint": endpoint, "ce-component": "predictor",
+        "ce-namespace": "models", "ce-endpoint": endpoint, "ce-component": component,
         "content-type": "application/json",
     }  # fmt: skip
     if at:
@@ -143,3 +145,63 @@ def test_versions_come_from_the_target_and_are_asked_again_after_their_ttl():
     assert status.call_count == 1
     status.side_effect = RuntimeError("target away")
     assert Versions(status)("other", "stable") == "unknown"
+
+
+def test_what_the_agent_posts_is_logged_as_the_model_server_logs_the_same_request(tmp_path):
+    """The model server answers V1 (named rows) and V2; the same bodies, posted as KServe's agent
+    posts them (the transformer's V1, the predictor's V2), become the same events: model, version,
+    role, row, inputs, outputs and status, read back from the store as the server's own are."""
+    from serving.examples import fraud_transformer, save_mlp
+    from tests.servers import Admin, model_server
+
+    model_dir = save_mlp(tmp_path / "fraud", seed=9, transformer=fraud_transformer())
+    rows = [
+        {"amount": 10.0, "age_days": 3, "country": "DE"},
+        {"amount": 99.5, "age_days": 800, "country": "XX"},
+    ]
+    v2 = {
+        "inputs": [
+            {"name": "amount", "datatype": "FP64", "shape": [1], "data": [42.0]},
+            {"name": "age_days", "datatype": "FP64", "shape": [1], "data": [10.0]},
+            {"name": "country", "datatype": "BYTES", "shape": [1], "data": ["US"]},
+        ]
+    }
+    served_url = f"sqlite:///{tmp_path / 'served.db'}"
+    with model_server(tmp_path / "state", MLOPS_LOGS__STORE=served_url, MLOPS_LOGS__FLUSH_MS="50") as server:
+        Admin(server.url).load("fraud", "3", str(model_dir), role="stable")
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            v1_answer = http.post("/v1/models/fraud:predict", json={"instances": rows})
+            v2_answer = http.post("/v2/models/fraud/infer", json=v2)
+        assert v1_answer.status_code == v2_answer.status_code == 200
+        deadline = time.monotonic() + 30
+        while len(list(get_log_store(served_url).query("fraud", 0, 2**62))) < 3:
+            assert time.monotonic() < deadline, "the model server did not log its 3 rows"
+            time.sleep(0.2)
+
+    received_url = f"sqlite:///{tmp_path / 'received.db'}"
+    with receiver_at(received_url, tmp_path) as (client, receiver):
+        for key, body, answer, component in (
+            ("v1", {"instances": rows}, v1_answer.json(), "transformer"),
+            ("v2", v2, v2_answer.json(), "predictor"),
+        ):
+            post(client, "request", key, body, component=component)
+            assert post(client, "response", key, answer, component=component).status_code == 200
+
+    def events(url: str) -> list[tuple]:
+        found = get_log_store(url).query("fraud", 0, 2**62)
+        rows = [(e.model, e.version, e.role, e.row, e.inputs, as_float32(e.outputs), e.status) for e in found]
+        return sorted(rows, key=lambda row: orjson.dumps(row, option=orjson.OPT_SORT_KEYS))
+
+    served, received = events(served_url), events(received_url)
+    # The server logs its FP32 tensors; the agent posts the answer's JSON numbers: equal as FP32.
+    assert len(served) == 3 and served == received, "\n".join(map(str, [*served, "--", *received]))
+
+
+def as_float32(value):
+    if isinstance(value, float):
+        return float(np.float32(value))
+    if isinstance(value, dict):
+        return {k: as_float32(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_float32(v) for v in value]
+    return value
