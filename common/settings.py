@@ -193,8 +193,6 @@ class KServeSettings(_Section):
         description="where KServe's logger sends every request and response ({namespace}: the"
         " InferenceService's; default: the receiver of docker/k8s/log-receiver.yaml); empty: none",
     )
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(3, ge=1)
 
 
 class Settings(BaseSettings):

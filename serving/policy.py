@@ -61,12 +61,30 @@ class Ramp:
         return cls(**{**values, "steps": tuple(values.get("steps", cls.steps))})
 
 
+ScaleMetric = Literal["concurrency", "rps", "cpu", "memory"]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How a model's InferenceService grows with load (the KServe target; the predictor and the
+    transformer alike). ``min_replicas: 0`` scales to zero when idle: the next request then waits
+    for a pod to be scheduled, the version downloaded and loaded. ``scale_target`` None: the
+    dynamic batcher's batch size (a replica fills a batch before another is added)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 3
+    scale_metric: ScaleMetric = "concurrency"
+    scale_target: int | None = None
+    container_concurrency: int = 0  # requests one replica takes at once (0: no limit)
+
+
 @dataclass(frozen=True)
 class Policy:
     model: str
     approval: Approval = Approval()
     ramp: Ramp = Ramp()
     thresholds: Thresholds = Thresholds()
+    scaling: Scaling = Scaling()
     target: str | None = None  # default: MLOPS_SERVING__TARGET, else the stack's model server
     source: str = "built-in defaults"
 
@@ -74,7 +92,12 @@ class Policy:
         return dataclasses.asdict(self)
 
 
-_SECTIONS: dict[str, type] = {"approval": Approval, "ramp": Ramp, "thresholds": Thresholds}
+_SECTIONS: dict[str, type] = {
+    "approval": Approval,
+    "ramp": Ramp,
+    "thresholds": Thresholds,
+    "scaling": Scaling,
+}
 
 
 def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | None = None) -> Policy:
@@ -116,6 +139,7 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
             ramp=ramp,
             # a step waits for the ramp's minimum of requests, and is decided on the same
             thresholds=Thresholds(**merged.get("thresholds", {}), min_requests=ramp.min_requests),
+            scaling=Scaling(**merged.get("scaling", {})),
             target=merged.get("target"),
             source=str(path) if path.is_file() else "built-in defaults",
         )
@@ -153,6 +177,30 @@ def _check(policy: Policy, path: Path) -> None:
         or not 0 < t.js_max <= 1
     ):
         problems.append(f"thresholds out of range: {dataclasses.asdict(t)}")
+    scale = policy.scaling
+    if not 0 <= scale.min_replicas <= scale.max_replicas or scale.max_replicas < 1:
+        problems.append(
+            f"need 0 <= scaling.min_replicas <= scaling.max_replicas, 1 <= max_replicas;"
+            f" got {scale.min_replicas}, {scale.max_replicas}"
+        )
+    if scale.scale_metric not in ("concurrency", "rps", "cpu", "memory"):
+        problems.append(
+            f"scaling.scale_metric must be concurrency, rps, cpu or memory, got {scale.scale_metric!r}"
+        )
+    if scale.scale_target is not None and scale.scale_target < 1:
+        problems.append(f"scaling.scale_target must be at least 1, got {scale.scale_target}")
+    if (
+        scale.scale_metric in ("cpu", "memory")
+        and scale.scale_target is not None
+        and scale.scale_target > 100
+    ):
+        problems.append(
+            f"scaling.scale_target of {scale.scale_metric} is a percent, got {scale.scale_target}"
+        )
+    if scale.container_concurrency < 0:
+        problems.append(
+            f"scaling.container_concurrency must be 0 (no limit) or more, got {scale.container_concurrency}"
+        )
     if not policy.approval.alias and not policy.approval.tag and not policy.approval.legacy_stage:
         problems.append("approval: no signal is enabled (alias, tag or legacy_stage)")
     if problems:

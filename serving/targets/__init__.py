@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from common.errors import ConfigError
@@ -120,9 +120,13 @@ _PORTS = {"http": 80, "https": 443}
 
 
 def _kserve(url: str, settings: Settings, token: str | None, owner: str | None) -> DeploymentTarget:
+    from serving.policy import load_policy
     from serving.targets.kserve import KServeTarget
 
-    return KServeTarget(urlparse(url).netloc or "default", settings.kserve, owner=owner)
+    def scaling(model: str) -> Any:
+        return load_policy(settings.deploy.models_file, model).scaling
+
+    return KServeTarget(urlparse(url).netloc or "default", settings.kserve, owner=owner, scaling=scaling)
 
 
 _BUILDERS: dict[str, Callable[[str, Settings, str | None, str | None], DeploymentTarget]] = {

@@ -23,12 +23,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from common.errors import BackendUnavailable, InvalidInput, LeaseHeld, ModelNotFound
-from common.settings import KServeSettings, LogsSettings
+from common.settings import KServeSettings, LogsSettings, ServingSettings
+from serving.policy import Scaling
 from serving.router import Mode, Role
 from serving.targets import Deployment, Lease, VersionRef
 
@@ -41,6 +43,7 @@ _ANNOTATION = "mlops.io/"
 LEASE_ANNOTATION = f"{_ANNOTATION}lease"  # JSON: owner, expires_at, record
 # What KServe's storage initializer can download.
 STORAGE_SCHEMES = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs", "oci", "hf")
+DEFAULT_SCALING = Scaling()
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -75,8 +78,10 @@ def check_storage_uri(uri: str) -> None:
         )
 
 
-def inference_service(model: str, namespace: str, rollout: Rollout, settings: KServeSettings) -> Any:
-    """The V1beta1InferenceService for a model's rollout state."""
+def inference_service(
+    model: str, namespace: str, rollout: Rollout, settings: KServeSettings, scaling: Scaling = DEFAULT_SCALING
+) -> Any:
+    """The V1beta1InferenceService for a model's rollout state, scaled as its policy says."""
     from kserve import (
         V1beta1InferenceService,
         V1beta1InferenceServiceSpec,
@@ -111,10 +116,9 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
             ),
         ),
         canary_traffic_percent=_percent(rollout),
-        min_replicas=settings.min_replicas,
-        max_replicas=settings.max_replicas,
         service_account_name=settings.service_account,
         logger=None if rollout.transformer else logger,
+        **_autoscaling(scaling),
     )
     transformer = None
     if rollout.transformer:
@@ -133,10 +137,9 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
                 )
             ],
             canary_traffic_percent=_percent(rollout),
-            min_replicas=settings.min_replicas,
-            max_replicas=settings.max_replicas,
             service_account_name=settings.service_account,
             logger=logger,
+            **_autoscaling(scaling),
         )
     annotations = {
         f"{_ANNOTATION}stable-version": rollout.stable.version,
@@ -158,6 +161,21 @@ def inference_service(model: str, namespace: str, rollout: Rollout, settings: KS
         ),
         spec=V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
     )
+
+
+def _autoscaling(scaling: Scaling) -> dict[str, Any]:
+    """A component's replicas and what scales them (KServe's fields; the same for both components)."""
+    target = scaling.scale_target
+    if target is None and scaling.scale_metric == "concurrency":
+        # The pods' batch size (the runtime sets no other): a replica fills a batch before another comes.
+        target = ServingSettings().batch_max_rows
+    return {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "scale_metric": scaling.scale_metric,
+        "scale_target": target,
+        "container_concurrency": scaling.container_concurrency or None,
+    }
 
 
 def _percent(rollout: Rollout) -> int | None:
@@ -219,12 +237,15 @@ class KServeTarget:
         client: Any | None = None,
         has_transformer: Any | None = None,
         owner: str | None = None,
+        scaling: Callable[[str], Scaling] | None = None,
     ) -> None:
         self.namespace = namespace
         self.owner = owner
         self.settings = settings
         self._client = client
         self._has_transformer = has_transformer or _version_has_transformer
+        # Read at each change, so canary, promotion and rollback all keep the model's scaling.
+        self._scaling = scaling or (lambda model: DEFAULT_SCALING)
 
     @property
     def client(self) -> Any:
@@ -366,7 +387,7 @@ class KServeTarget:
         if lease is True and held is not None and held.owner != self.owner:
             raise _lease_held(model, held)
         kept = held if lease is True else lease
-        desired = inference_service(model, self.namespace, rollout, self.settings)
+        desired = inference_service(model, self.namespace, rollout, self.settings, self._scaling(model))
         if isinstance(kept, Lease) and kept.owner:
             desired.metadata.annotations[LEASE_ANNOTATION] = json.dumps(
                 {"owner": kept.owner, "expires_at": kept.expires_at, "record": kept.record or {}}

@@ -315,3 +315,55 @@ def test_the_steps_account_may_do_what_the_kserve_target_does_and_nothing_else()
     [rule] = role["rules"]
     assert rule["resources"] == ["inferenceservices"]
     assert {"get", "create", "update"} <= set(rule["verbs"])  # _read, create, replace
+
+
+def test_each_component_scales_as_the_models_policy_says_through_every_rollout_step():
+    from serving.policy import Scaling
+
+    cluster = FakeCluster()
+    scaling = Scaling(
+        min_replicas=0, max_replicas=8, scale_metric="rps", scale_target=40, container_concurrency=4
+    )
+    kserve = KServeTarget(
+        "ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: True, scaling=lambda m: scaling
+    )
+    expected = {
+        "minReplicas": 0, "maxReplicas": 8, "scaleMetric": "rps", "scaleTarget": 40, "containerConcurrency": 4,
+    }  # fmt: skip
+    steps = (
+        lambda: kserve.deploy("fraud", "1", V1.uri, role="stable"),
+        lambda: kserve.deploy("fraud", "2", V2.uri),
+        lambda: kserve.set_traffic("fraud", 50),
+        lambda: kserve.promote("fraud"),
+        lambda: kserve.deploy("fraud", "3", V2.uri),
+        lambda: kserve.rollback("fraud"),
+    )
+    for step in steps:
+        step()
+        spec = cluster.objects["fraud"]["spec"]
+        for component in ("predictor", "transformer"):
+            assert {k: spec[component].get(k) for k in expected} == expected, component
+
+
+def test_default_scaling_is_by_concurrency_up_to_the_batchers_batch_size():
+    from common.settings import ServingSettings
+
+    spec = predictor(to_manifest(inference_service("fraud", "ml", Rollout(V1), SETTINGS)))
+    assert (spec["minReplicas"], spec["maxReplicas"], spec["scaleMetric"]) == (1, 3, "concurrency")
+    assert spec["scaleTarget"] == ServingSettings().batch_max_rows
+    assert "containerConcurrency" not in spec  # no limit
+
+
+def test_the_kserve_target_reads_each_models_scaling_from_the_models_file(tmp_path):
+    from common.settings import Settings
+    from serving.targets import get_deployment_target
+
+    models = tmp_path / "models.yaml"
+    models.write_text("models: {fraud: {scaling: {min_replicas: 0, max_replicas: 5}}}")
+    cluster = FakeCluster()
+    kserve = get_deployment_target("kserve://ml", Settings(deploy={"models_file": models}))
+    kserve._client, kserve._has_transformer = cluster.client, lambda uri: False
+    kserve.deploy("fraud", "1", V1.uri, role="stable")
+    kserve.deploy("other", "1", V1.uri, role="stable")
+    assert [predictor(cluster.objects[m])["minReplicas"] for m in ("fraud", "other")] == [0, 1]
+    assert predictor(cluster.objects["fraud"])["maxReplicas"] == 5

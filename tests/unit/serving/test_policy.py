@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import ConfigError
-from serving.policy import Ramp, load_policy
+from serving.policy import Ramp, Scaling, load_policy
 from tests.conftest import PROJECT_ROOT
 
 
@@ -43,6 +43,17 @@ def test_the_committed_models_file_is_valid_for_every_model_it_names():
     path = PROJECT_ROOT / "config" / "models.yaml"
     assert load_policy(path, "demo-fraud").ramp.percents == (10, 50)
     assert load_policy(path, "any-model").ramp.percents == (5, 25, 50)
+    assert load_policy(path, "any-model").scaling == Scaling()  # the file's defaults are the built-in ones
+
+
+def test_a_model_scales_as_its_entry_says(tmp_path):
+    path = write(
+        tmp_path, "models: {fraud: {scaling: {min_replicas: 0, scale_metric: rps, scale_target: 50}}}"
+    )
+    scaling = load_policy(path, "fraud").scaling
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.scale_metric, scaling.scale_target) == (
+        0, 3, "rps", 50,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -56,6 +67,11 @@ def test_the_committed_models_file_is_valid_for_every_model_it_names():
         ("defaults: {thresholds: {min_requests: 5}}", "unknown key(s) ['min_requests'] in 'thresholds'"),
         ("defaults: {approval: {alias: null, tag: null}}", "no signal is enabled"),
         ("model: {}", "expected the keys 'defaults' and 'models' only"),
+        ("defaults: {scaling: {min_replicas: 4}}", "need 0 <= scaling.min_replicas <= scaling.max_replicas"),
+        ("defaults: {scaling: {scale_metric: gpu}}", "concurrency, rps, cpu or memory, got 'gpu'"),
+        ("defaults: {scaling: {scale_metric: cpu, scale_target: 400}}", "scale_target of cpu is a percent"),
+        ("defaults: {scaling: {container_concurrency: -1}}", "container_concurrency must be 0"),
+        ("defaults: {scaling: {replicas: 2}}", "unknown key(s) ['replicas'] in 'scaling'"),
     ],
 )
 def test_a_bad_policy_is_refused_naming_what_is_wrong(tmp_path, text, message):
