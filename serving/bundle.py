@@ -7,7 +7,9 @@ signature, and the version's transformer spec (metadata).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import yaml
 
 from common.errors import InvalidInput, ModelNotFound
+from serving.frameworks import FLAVORS
 from serving.signature import Signature, from_mlflow
 from serving.sources import inside
 from serving.transformer import METADATA_KEY, Transformer
@@ -25,12 +28,16 @@ class Bundle:
     path: Path
     flavor: str  # onnx | torch_export | torchscript
     model_file: Path
-    sha256: str
+    sha256: str  # of the version's own model file
     signature: Signature | None  # the MLflow signature, when the version has one
     transformer: Transformer | None
+    converted_from: str | None = None  # sklearn | xgboost | lightgbm: served as its ONNX conversion
+    parity: dict[str, Any] | None = None  # the conversion's check against the native model
 
 
-def read_bundle(path: Path) -> Bundle:
+def read_bundle(path: Path, convert: bool = True) -> Bundle:
+    """The version in ``path``; a version of another framework is converted to ONNX (once: see
+    serving/frameworks.py), unless ``convert`` is False (then its ``model_file`` is its own)."""
     path = Path(path)
     mlmodel_path = path / "MLmodel"
     if not mlmodel_path.is_file():
@@ -50,9 +57,13 @@ def read_bundle(path: Path) -> Bundle:
         flavor, model_file = (
             ("torch_export", exported) if exported.is_file() else ("torchscript", data / "model.pth")
         )
+    elif native := next((name for name in FLAVORS if name in flavors), None):
+        conf = flavors[native] if isinstance(flavors[native], dict) else {}
+        key = "pickled_model" if native == "sklearn" else "data"
+        flavor, model_file = native, _named(path, conf, key, "model.skops")
     else:
         raise InvalidInput(
-            f"'{path}': no servable flavor (onnx or pytorch) in MLmodel, found {sorted(flavors)}"
+            f"'{path}': no servable flavor (onnx, pytorch, {', '.join(FLAVORS)}) in MLmodel, found {sorted(flavors)}"
         )
     if not model_file.is_file():
         raise ModelNotFound(f"'{path}': MLmodel names '{model_file.name}', which is missing")
@@ -62,7 +73,7 @@ def read_bundle(path: Path) -> Bundle:
 
         signature = from_mlflow(ModelSignature.from_dict(mlmodel["signature"]))
     spec = (mlmodel.get("metadata") or {}).get(METADATA_KEY)
-    return Bundle(
+    bundle = Bundle(
         path=path,
         flavor=flavor,
         model_file=model_file,
@@ -70,6 +81,25 @@ def read_bundle(path: Path) -> Bundle:
         signature=signature,
         transformer=Transformer.from_spec(spec) if spec else None,
     )
+    if flavor not in FLAVORS or not convert:
+        return bundle
+    from serving.frameworks import convert as to_onnx
+
+    columns = _columns(mlmodel.get("signature") or {})
+    converted = to_onnx(path, flavor, flavors[flavor] or {}, columns, bundle.sha256)
+    return dataclasses.replace(
+        bundle, flavor="onnx", model_file=converted.model_file, converted_from=flavor,
+        transformer=Transformer.from_spec(converted.spec), parity=converted.parity,
+    )  # fmt: skip
+
+
+def _columns(signature: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (name, type) of a signature's named column inputs (what a tabular model takes)."""
+    try:
+        inputs = json.loads(signature.get("inputs") or "[]")
+    except ValueError:
+        return []
+    return [(str(i["name"]), str(i.get("type", ""))) for i in inputs if isinstance(i, dict) and i.get("name")]
 
 
 def _named(folder: Path, flavor: Any, key: str, default: str) -> Path:

@@ -62,6 +62,7 @@ class Loaded:
             "uri": self.uri,
             "provider": self.model.provider,
             "flavor": bundle.flavor,
+            "converted_from": bundle.converted_from,  # sklearn, xgboost, lightgbm: its ONNX conversion
             "sha256": bundle.sha256,
             "signature": self.model.request_signature.source if self.model.request_signature else None,
             "transformer": bundle.transformer is not None,

@@ -167,3 +167,70 @@ def fraud_transformer() -> dict[str, Any]:
         ],
         "output": {"name": "probabilities", "labels": ["legit", "fraud"]},
     }
+
+
+# --- other frameworks (served converted to ONNX: serving/frameworks.py) -----------------------
+
+FRAMEWORKS = ("sklearn", "xgboost", "lightgbm")
+PACKAGES = {"sklearn": "scikit-learn", "xgboost": "xgboost", "lightgbm": "lightgbm"}
+IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+
+def iris() -> tuple[Any, Any]:
+    """scikit-learn's iris data (shipped with it, never downloaded): named columns, species labels."""
+    from sklearn.datasets import load_iris
+
+    data = load_iris(as_frame=True)
+    frame = data.frame.drop(columns="target")
+    frame.columns = list(IRIS_COLUMNS)
+    return frame, data.target_names[data.target]
+
+
+def framework_model(framework: str, seed: int = 0) -> Any:
+    """One fitted iris classifier of ``framework``: a scikit-learn pipeline (scaling, logistic
+    regression), an XGBClassifier, or a LightGBM booster (its own API)."""
+    features, labels = iris()
+    if framework == "sklearn":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=seed)).fit(
+            features, labels
+        )
+    codes = np.unique(labels, return_inverse=True)[1]
+    if framework == "xgboost":
+        import xgboost
+
+        return xgboost.XGBClassifier(n_estimators=20, max_depth=3, random_state=seed).fit(features, codes)
+    if framework == "lightgbm":
+        import lightgbm
+
+        params = {"objective": "multiclass", "num_class": 3, "verbose": -1, "seed": seed}
+        return lightgbm.train(params, lightgbm.Dataset(features, codes), num_boost_round=20)
+    raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+
+
+def save_framework_model(framework: str, path: Path, model: Any | None = None, **options: Any) -> Path:
+    """An MLflow model directory of ``framework``'s own flavor, with a signature and an input
+    example (what the parity check runs on); scikit-learn's in skops, MLflow's default."""
+    import importlib
+
+    flavor = importlib.import_module(f"mlflow.{framework}")
+    model = model if model is not None else framework_model(framework)
+    # Named, not inferred: inferring runs the model in a subprocess, seconds each.
+    options.setdefault("pip_requirements", [PACKAGES[framework]])
+    flavor.save_model(model, str(path), input_example=iris()[0].iloc[:5], **options)
+    return Path(path)
+
+
+def log_framework_model(framework: str, registered_model_name: str) -> str:
+    """Log ``framework``'s iris example to the current MLflow run and register it; the new version."""
+    import importlib
+
+    flavor = importlib.import_module(f"mlflow.{framework}")
+    info = flavor.log_model(
+        framework_model(framework), name="model", input_example=iris()[0].iloc[:5],
+        registered_model_name=registered_model_name, pip_requirements=[PACKAGES[framework]],
+    )  # fmt: skip
+    return str(info.registered_model_version)

@@ -40,6 +40,8 @@ class Verification:
     signature: str
     smoke: str  # what the version answered, in words
     expectations: str  # the great-expectations hook's answer
+    converted_from: str | None = None  # another framework's version, served as its ONNX conversion
+    parity: dict[str, Any] | None = None  # the conversion against the native model
 
 
 def verify_version(model: str, version: str, settings: Settings) -> Verification:
@@ -84,6 +86,8 @@ def verify_version(model: str, version: str, settings: Settings) -> Verification
             sha256=bundle.sha256,
             sha256_recorded=recorded is None,
             flavor=bundle.flavor,
+            converted_from=bundle.converted_from,
+            parity=bundle.parity,
             provider=loaded.provider,
             signature="mlflow",
             smoke=smoke,

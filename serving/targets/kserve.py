@@ -456,10 +456,13 @@ def _version_has_transformer(uri: str) -> bool:
     from pathlib import Path
 
     from serving.bundle import read_bundle
+    from serving.frameworks import FLAVORS
     from serving.sources import fetch
 
     cache = Path(tempfile.gettempdir()) / "mlops-kserve-target"
-    return read_bundle(fetch(uri, cache, tracking_uri="")).transformer is not None
+    # A version of another framework is served converted, with a generated transformer spec.
+    bundle = read_bundle(fetch(uri, cache, tracking_uri=""), convert=False)
+    return bundle.transformer is not None or bundle.flavor in FLAVORS
 
 
 RECEIVER = "mlops-log-receiver"

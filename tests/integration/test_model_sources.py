@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import httpx
+import numpy as np
 import pytest
 
 from serving.examples import mlp_onnx
@@ -197,3 +198,58 @@ def test_concurrent_loads_of_one_uri_fetch_it_once_and_all_get_it_whole(tmp_path
     assert errors == [] and len(results) == 6 and len(set(results)) == 1
     assert len(calls) == 1
     assert (results[0] / "MLmodel").is_file() and (results[0] / ".complete").is_file()
+
+
+def test_a_version_of_each_framework_registered_in_mlflow_is_served_and_verified(tmp_path):
+    """scikit-learn, XGBoost and LightGBM versions, logged with MLflow's own flavors: `mlops deploy
+    verify` passes each (the conversion and its parity check included) and the model server
+    answers each over HTTP as its native model does; a pickled one is refused at load with 400."""
+    import mlflow
+
+    from serving.examples import FRAMEWORKS, framework_model, iris, log_framework_model
+    from tests.helpers import mlops_env, run_mlops
+
+    features, _ = iris()
+    rows = features.iloc[[0, 60, 120]]
+    with mlflow_server(tmp_path / "mlflow") as registry:
+        mlflow.set_tracking_uri(registry.url)
+        versions = {}
+        for framework in FRAMEWORKS:
+            with mlflow.start_run():
+                versions[framework] = log_framework_model(framework, f"iris-{framework}")
+        with mlflow.start_run():
+            pickled = mlflow.sklearn.log_model(
+                framework_model("sklearn"), name="model", serialization_format="cloudpickle",
+                registered_model_name="iris-pickled", pip_requirements=["scikit-learn"],
+            ).registered_model_version  # fmt: skip
+        env = mlops_env(MLOPS_MLFLOW__URL=registry.url, MLOPS_STATE_DIR=str(tmp_path / "cli"))
+        verified = {
+            f: run_mlops("deploy", "verify", f"iris-{f}", "--version", v, env=env)
+            for f, v in versions.items()
+        }
+        with model_server(tmp_path / "serving", MLOPS_MLFLOW__URL=registry.url) as server:
+            admin = Admin(server.url)
+            answers = {}
+            for framework, version in versions.items():
+                model = f"iris-{framework}"
+                admin.load(model, version, f"models:/{model}/{version}", role="stable")
+                answers[framework] = httpx.post(
+                    f"{server.url}/v1/models/{model}:predict",
+                    json={"instances": rows.to_dict(orient="records")}, timeout=30,
+                )  # fmt: skip
+            refused = admin.http.post(
+                "/iris-pickled/versions",
+                json={"version": str(pickled), "uri": f"models:/iris-pickled/{pickled}"},
+            )
+    for run in verified.values():
+        assert run.code == 0, run.stderr[-2000:]
+        assert run.json["flavor"] == "onnx" and "answered its input example (5 rows)" in run.json["smoke"]
+        assert run.json["parity"]["rows"] == 5 and run.json["parity"]["max_abs_diff"] <= 1e-4
+    assert {f: run.json["converted_from"] for f, run in verified.items()} == {f: f for f in FRAMEWORKS}
+    for framework, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        native = framework_model(framework)
+        scores = native.predict(rows) if framework == "lightgbm" else native.predict_proba(rows)
+        got = [list(p["probabilities"].values()) for p in answer.json()["predictions"]]
+        np.testing.assert_allclose(got, scores, atol=1e-4)
+    assert refused.status_code == 400 and "serialization_format='skops'" in refused.json()["error"]

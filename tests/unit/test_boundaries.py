@@ -12,7 +12,8 @@ from tests.helpers import PROJECT_ROOT
 # Only in the runtime environment (.venv): Airflow's environment cannot hold them.
 RUNTIME_ONLY = {
     "torch", "kserve", "alibi_detect", "great_expectations", "onnxruntime", "onnx", "mlflow",
-    "sklearn", "common", "mlops", "serving", "monitoring", "retraining",
+    "sklearn", "skl2onnx", "onnxmltools", "skops", "xgboost", "lightgbm",
+    "common", "mlops", "serving", "monitoring", "retraining",
 }  # fmt: skip
 
 
