@@ -17,6 +17,7 @@ Converted graphs are cached by the version's sha256, so a version converts and i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -140,7 +141,7 @@ def _to_onnx(model: Any, width: int, where: str) -> tuple[Any, list[str] | None]
     classifier, else ``prediction``) and a classifier's labels (None for a regressor)."""
     labels = _labels(model)
     try:
-        if type(model).__name__ == "Booster" and type(model).__module__.startswith("lightgbm"):
+        if _lightgbm_booster(model):
             from onnxmltools import convert_lightgbm
             from onnxmltools.convert.common.data_types import FloatTensorType
 
@@ -172,7 +173,7 @@ def _to_onnx(model: Any, width: int, where: str) -> tuple[Any, list[str] | None]
 
 def _labels(model: Any) -> list[str] | None:
     """A classifier's class names in its score columns' order; None for a regressor."""
-    if type(model).__name__ == "Booster":  # LightGBM's own: the objective says
+    if _lightgbm_booster(model):  # LightGBM's own API: the objective says
         objective = str(model.dump_model().get("objective", ""))
         if objective.startswith(("binary", "multiclass", "multiclassova")):
             classes = max(2, model.num_model_per_iteration())
@@ -182,11 +183,17 @@ def _labels(model: Any) -> list[str] | None:
     return [str(c) for c in classes] if classes is not None else None
 
 
+def _lightgbm_booster(model: Any) -> bool:
+    """LightGBM's own model (its text file), not one of its scikit-learn classes."""
+    return type(model).__name__ == "Booster" and type(model).__module__.startswith("lightgbm")
+
+
 def _classifiers(model: Any) -> list[Any]:
     steps = [step for _, step in getattr(model, "steps", [])] or [model]
     return [step for step in steps if hasattr(step, "classes_")]
 
 
+@functools.cache
 def _register_boosters() -> None:
     """Teach skl2onnx XGBoost's and LightGBM's scikit-learn classes (onnxmltools converts them)."""
     import lightgbm
@@ -242,7 +249,7 @@ def _parity(model: Any, graph: Any, labels: list[str] | None, rows: np.ndarray, 
 
     session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     converted = session.run(None, {"input": rows})[0].astype(np.float64)
-    if type(model).__name__ == "Booster":
+    if _lightgbm_booster(model):
         native = np.asarray(model.predict(rows), np.float64)
         if labels is not None and native.ndim == 1:  # a binary booster: the positive class
             native = np.column_stack([1 - native, native])
