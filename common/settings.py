@@ -261,11 +261,14 @@ class Settings(BaseSettings):
     def _embedded_url(self, setting: tuple[str, ...], what: str, port: int) -> str:
         """The embedded stack's server on this machine; without local state (a pod) there is none."""
         if not self.local_state:
-            raise ConfigError(
-                f"{what}: set {env_name(setting)}; this step runs without local state"
-                f" ({env_name(('local_state',))}=false, as in a pod), where no embedded server runs"
-            )
+            raise self.no_local_state(f"{what}: set {env_name(setting)}", ", where no embedded server runs")
         return f"http://{_client_host(self.host)}:{port}"
+
+    def no_local_state(self, need: str, why: str = "") -> ConfigError:
+        """The error of a step that wants what only local state gives: ``need`` names the setting."""
+        return ConfigError(
+            f"{need}; this step runs without local state ({env_name(('local_state',))}=false, as in a pod){why}"
+        )
 
     @property
     def deployment_target(self) -> str:
@@ -296,9 +299,8 @@ class Settings(BaseSettings):
         """``path`` (a file the embedded default keeps in the state dir), or, where this process has
         no local state, a ConfigError naming the setting that replaces it."""
         if not self.local_state:
-            raise ConfigError(
-                f"{what} needs {env_name(setting)}: this step runs without local state ({env_name(('local_state',))}"
-                f"=false, as in a pod), and its default is a file of the state dir ({path})"
+            raise self.no_local_state(
+                f"{what} needs {env_name(setting)}", f", and its default is a file of the state dir ({path})"
             )
         return path
 

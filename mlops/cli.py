@@ -668,9 +668,10 @@ def _logs_query(settings: Settings, args: argparse.Namespace) -> tuple[Any, int]
     if args.jsonl:
         lines = [] if args.result_file is not None else None  # a pod's XCom: the events as one array
         for event in store.query(args.model, start, end, args.version, args.role):
-            _STDOUT.write(json.dumps(event.to_dict()) + "\n")
+            row = event.to_dict()
+            _STDOUT.write(json.dumps(row) + "\n")
             if lines is not None:
-                lines.append(event.to_dict())
+                lines.append(row)
         if lines is not None:
             _write_result(json.dumps(lines), args.result_file)
         return None, 0

@@ -86,11 +86,31 @@ def read_bundle(path: Path, convert: bool = True) -> Bundle:
     from serving.frameworks import convert as to_onnx
 
     columns = _columns(mlmodel.get("signature") or {})
-    converted = to_onnx(path, flavor, flavors[flavor] or {}, columns, bundle.sha256)
+    converted = to_onnx(path, flavor, conf, columns, bundle.sha256)
     return dataclasses.replace(
         bundle, flavor="onnx", model_file=converted.model_file, converted_from=flavor,
         transformer=Transformer.from_spec(converted.spec), parity=converted.parity,
     )  # fmt: skip
+
+
+def input_example(folder: Path, where: str) -> list[Any] | None:
+    """The version's input example (MLmodel's ``saved_input_example_info``) as V1 instances (a
+    DataFrame's or named tensors' rows as named rows); None when it has none, InvalidInput when it
+    cannot be read."""
+    info = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("saved_input_example_info") or {}
+    name = info.get("artifact_path")
+    if not name:
+        return None
+    try:
+        example = json.loads(inside(folder, name, f"{where}: input example").read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{where}: its input example cannot be read: {exc}") from exc
+    if isinstance(example, dict) and {"columns", "data"} <= example.keys():  # a DataFrame, split
+        return [dict(zip(example["columns"], row, strict=False)) for row in example["data"]]
+    if isinstance(example, dict):  # named tensors
+        rows = len(next(iter(example.values()), []))
+        return [{key: values[i] for key, values in example.items()} for i in range(rows)]
+    return example
 
 
 def _columns(signature: dict[str, Any]) -> list[tuple[str, str]]:

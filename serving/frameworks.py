@@ -70,7 +70,7 @@ def convert(
         )
     names = [name for name, _ in columns]
     onnx_model, labels = _to_onnx(model, len(names), where)
-    example = _example(folder, names)
+    example = _example(folder, names, where)
     parity = _parity(model, onnx_model, labels, example, where)
     spec = {
         "version": 1,
@@ -227,19 +227,13 @@ def _keep_output(graph: Any, name: str, rename: str) -> None:
     graph.graph.output[0].name = rename
 
 
-def _example(folder: Path, names: list[str]) -> np.ndarray:
+def _example(folder: Path, names: list[str], where: str) -> np.ndarray:
     """The version's input example as rows of its columns, or a row of zeros when it has none."""
-    import yaml
+    from serving.bundle import input_example
 
-    from serving.sources import inside
-
-    info = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("saved_input_example_info") or {}
-    if info.get("artifact_path"):
-        example = json.loads(inside(folder, info["artifact_path"], "input example").read_text())
-        if isinstance(example, dict) and {"columns", "data"} <= example.keys():
-            position = {name: i for i, name in enumerate(example["columns"])}
-            if set(names) <= position.keys():
-                return np.asarray([[row[position[n]] for n in names] for row in example["data"]], np.float32)
+    rows = input_example(folder, where) or []
+    if rows and all(isinstance(row, dict) and set(names) <= row.keys() for row in rows):
+        return np.asarray([[row[n] for n in names] for row in rows], np.float32)
     return np.zeros((1, len(names)), np.float32)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from common.errors import ConfigError
 from common.settings import read_models_file
@@ -183,9 +183,10 @@ def _check(policy: Policy, path: Path) -> None:
             f"need 0 <= scaling.min_replicas <= scaling.max_replicas, 1 <= max_replicas;"
             f" got {scale.min_replicas}, {scale.max_replicas}"
         )
-    if scale.scale_metric not in ("concurrency", "rps", "cpu", "memory"):
+    if scale.scale_metric not in get_args(ScaleMetric):
         problems.append(
-            f"scaling.scale_metric must be concurrency, rps, cpu or memory, got {scale.scale_metric!r}"
+            f"scaling.scale_metric must be {', '.join(get_args(ScaleMetric)[:-1])} or"
+            f" {get_args(ScaleMetric)[-1]}, got {scale.scale_metric!r}"
         )
     if scale.scale_target is not None and scale.scale_target < 1:
         problems.append(f"scaling.scale_target must be at least 1, got {scale.scale_target}")

@@ -16,7 +16,6 @@ It deploys nothing: the deploy DAG runs it first and goes on only when it passes
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,27 +95,12 @@ def verify_version(model: str, version: str, settings: Settings) -> Verification
 
 
 def _example_answer(model: Any, folder: Path, where: str) -> str:
-    """Answer the version's input example (MLmodel's ``saved_input_example_info``), if it has one:
-    finite values, or InvalidInput."""
-    import yaml
+    """Answer the version's input example, if it has one: finite values, or InvalidInput."""
+    from serving.bundle import input_example
 
-    info = (yaml.safe_load((folder / "MLmodel").read_text()) or {}).get("saved_input_example_info") or {}
-    name = info.get("artifact_path")
-    if not name:
+    instances = input_example(folder, where)
+    if instances is None:
         return "no input example: answered a smoke input of zeros"
-    from serving.sources import inside
-
-    try:
-        example = json.loads(inside(folder, name, f"{where}: input example").read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{where}: its input example cannot be read: {exc}") from exc
-    if isinstance(example, dict) and {"columns", "data"} <= example.keys():  # a DataFrame, split
-        instances: Any = [dict(zip(example["columns"], row, strict=False)) for row in example["data"]]
-    elif isinstance(example, dict):  # named tensors
-        rows = len(next(iter(example.values()), []))
-        instances = [{key: values[i] for key, values in example.items()} for i in range(rows)]
-    else:
-        instances = example
     try:
         outputs = model.compute(model.decoder.v1({"instances": instances}))
     except InvalidInput as exc:

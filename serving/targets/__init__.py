@@ -98,9 +98,8 @@ def _server(url: str, settings: Settings, token: str | None, owner: str | None) 
     if token is None and own and same_server(url, settings.serving_url):
         token = admin_token(settings)
     if token is None and not settings.local_state:
-        raise ConfigError(
-            f"the model server at {url}: set MLOPS_SERVING__TARGET_TOKEN (its admin token); this step runs"
-            " without local state (MLOPS_LOCAL_STATE=false, as in a pod)"
+        raise settings.no_local_state(
+            f"the model server at {url}: set MLOPS_SERVING__TARGET_TOKEN (its admin token)"
         )
     return ServerTarget(url, token, owner=owner)
 

@@ -44,6 +44,7 @@ LEASE_ANNOTATION = f"{_ANNOTATION}lease"  # JSON: owner, expires_at, record
 # What KServe's storage initializer can download.
 STORAGE_SCHEMES = ("s3", "gs", "https", "http", "pvc", "hdfs", "webhdfs", "oci", "hf")
 DEFAULT_SCALING = Scaling()
+_PART_OF = {"app.kubernetes.io/part-of": "mlops"}
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -97,6 +98,7 @@ def inference_service(
     serving = rollout.serving
     version_env = [V1EnvVar(name=VERSION_ENV, value=serving.version)]
     gpus = {"nvidia.com/gpu": str(settings.gpus)} if settings.gpus else {}
+    scaled = _autoscaling(scaling)  # the same for both components
     # One component logs each request: the transformer where there is one (raw features, what
     # monitoring and retraining read), else the predictor.
     logger = (
@@ -118,7 +120,7 @@ def inference_service(
         canary_traffic_percent=_percent(rollout),
         service_account_name=settings.service_account,
         logger=None if rollout.transformer else logger,
-        **_autoscaling(scaling),
+        **scaled,
     )
     transformer = None
     if rollout.transformer:
@@ -139,7 +141,7 @@ def inference_service(
             canary_traffic_percent=_percent(rollout),
             service_account_name=settings.service_account,
             logger=logger,
-            **_autoscaling(scaling),
+            **scaled,
         )
     annotations = {
         f"{_ANNOTATION}stable-version": rollout.stable.version,
@@ -156,7 +158,7 @@ def inference_service(
         metadata=V1ObjectMeta(
             name=model,
             namespace=namespace,
-            labels={"app.kubernetes.io/part-of": "mlops", f"{_ANNOTATION}model": model},
+            labels={**_PART_OF, f"{_ANNOTATION}model": model},
             annotations=annotations,
         ),
         spec=V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer),
@@ -207,7 +209,7 @@ def serving_runtimes(settings: KServeSettings) -> list[Any]:
             V1alpha1ClusterServingRuntime(
                 api_version="serving.kserve.io/v1alpha1",
                 kind="ClusterServingRuntime",
-                metadata=V1ObjectMeta(name=name, labels={"app.kubernetes.io/part-of": "mlops"}),
+                metadata=V1ObjectMeta(name=name, labels=_PART_OF),
                 spec=V1alpha1ServingRuntimeSpec(
                     supported_model_formats=[
                         V1alpha1SupportedModelFormat(
@@ -468,7 +470,6 @@ def _version_has_transformer(uri: str) -> bool:
 RECEIVER = "mlops-log-receiver"
 RUNTIME_ACCOUNT = "mlops-runtime"
 SETTINGS_MAP, SECRETS = "mlops-settings", "mlops-secrets"
-_PART_OF = {"app.kubernetes.io/part-of": "mlops"}
 _STATE = "/var/lib/mlops"
 
 
