@@ -169,7 +169,8 @@ def wrk(url: str, body: str, concurrency: int, duration_s: int, work: Path, load
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU time used so far by a process, and by its live children (the log writer)."""
+    """CPU time used so far by a server, and by its live children (the log writers). The worker
+    processes of ``MLOPS_SERVING__WORKERS`` count as the server's own."""
     import psutil
 
     proc = psutil.Process(pid)
@@ -177,7 +178,11 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     children = 0.0
     for child in proc.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            children += sum(child.cpu_times()[:2])
+            used = sum(child.cpu_times()[:2])
+            if "serving.workers" in child.cmdline():
+                own += used
+            else:
+                children += used
     return own, children
 
 

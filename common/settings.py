@@ -112,6 +112,13 @@ class ServingSettings(_Section):
     threads: int | None = Field(
         None, ge=1, description="compute threads per version (ONNX Runtime intra-op, PyTorch on the CPU)"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="model server processes on the one port (SO_REUSEPORT); each computes on usable CPUs / N"
+        " threads unless threads is set",
+    )
     health_timeout_s: float = Field(90.0, gt=0)
     target: str | None = Field(
         None, description="where `mlops serve` deploys; default: this model server's URL"

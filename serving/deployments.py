@@ -15,12 +15,13 @@ outlives the run that set it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +98,12 @@ class RoutedModel(kserve.Model):
 
 
 class Deployments:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, threads: int | None = None, persist: bool = True) -> None:
         self.settings = settings
+        self.threads = threads or settings.serving.threads  # compute threads per version
+        self.persist = persist  # False: a follower worker, whose routing is the leader's (serving/workers.py)
+        # After each change of routing, once set (the leading worker): the routing reaches the others.
+        self.replicate: Callable[[], Awaitable[dict[str, Any] | None]] | None = None
         self.state_file = settings.serving_dir / "deployments.json"
         self.cache_dir = settings.serving_dir / "models"
         self._routing: dict[str, Routing[Loaded]] = {}
@@ -142,7 +147,7 @@ class Deployments:
         log.info(
             "model %s: version %s loaded as %s from %s (%s)", name, version, role, uri, loaded.model.provider
         )
-        return self.status(name)
+        return await self._changed(name)
 
     async def set_traffic(self, name: str, canary_percent: float, mode: Mode) -> dict[str, Any]:
         async with self._lock:
@@ -150,7 +155,7 @@ class Deployments:
             if routing.canary is None and (canary_percent > 0 or mode == "shadow"):
                 raise InvalidInput(f"model '{name}' has no canary to send traffic to; load one first")
             self._set(name, routing.with_traffic(canary_percent, mode))
-        return self.status(name)
+        return await self._changed(name)
 
     async def promote(self, name: str) -> dict[str, Any]:
         """The canary becomes stable; the old stable version retires."""
@@ -172,9 +177,13 @@ class Deployments:
         retired = getattr(routing, retire)
         if retired is not None:
             self._retire(retired)
-        return self.status(name)
+        return await self._changed(name)
 
     async def unload(self, name: str) -> dict[str, Any]:
+        await self._drop(name)
+        return await self._changed(None, {"model": name, "unloaded": True})
+
+    async def _drop(self, name: str) -> None:
         async with self._lock:
             routing = self.routing(name)
             del self._routing[name]
@@ -184,7 +193,6 @@ class Deployments:
         for loaded in (routing.stable, routing.canary):
             if loaded is not None:
                 self._retire(loaded)
-        return {"model": name, "unloaded": True}
 
     # --- leases: one rollout at a time per model ------------------------------------------------
 
@@ -255,6 +263,8 @@ class Deployments:
                     self._save()
             if undone is not None:
                 self._retire(undone)
+                with contextlib.suppress(MLOpsError):  # the failures are logged where they happen
+                    await self._changed(name)
             self.expired[name] = {
                 "owner": lease.owner,
                 "expired_at": lease.expires_at,
@@ -326,14 +336,54 @@ class Deployments:
                 metrics.LOADED.labels(name, new.version, role).set(1)
         self._save()
 
-    def _save(self) -> None:
-        models = {}
-        for name, routing in self._routing.items():
-            models[name] = {
+    def snapshot(self) -> dict[str, Any]:
+        """Every model's routing as data: its versions (number and where from) and split."""
+        return {
+            name: {
                 role: {"version": loaded.version, "uri": loaded.uri}
                 for role, loaded in (("stable", routing.stable), ("canary", routing.canary))
                 if loaded is not None
-            } | {"canary_percent": routing.canary_percent, "mode": routing.mode}
+            }
+            | {"canary_percent": routing.canary_percent, "mode": routing.mode}
+            for name, routing in self._routing.items()
+        }
+
+    async def apply(self, models: dict[str, Any]) -> None:
+        """Make this routing the one given (``snapshot()``'s form; a follower worker, from the
+        leader): versions already loaded are kept, the others loaded, models not given unloaded."""
+        loop = asyncio.get_running_loop()
+        for name, entry in models.items():
+            current = self._routing.get(name, Routing())
+            held = {(v.version, v.uri): v for v in (current.stable, current.canary) if v is not None}
+            chosen: dict[str, Loaded | None] = {}
+            for role in ("stable", "canary"):
+                wanted = entry.get(role)
+                key = (str(wanted["version"]), wanted["uri"]) if wanted else None
+                if key is not None and key not in held:
+                    held[key] = await loop.run_in_executor(None, self._load_blocking, name, *key)
+                    log.info("model %s: version %s loaded from %s (the leader's routing)", name, *key)
+                chosen[role] = held[key] if key is not None else None
+            async with self._lock:
+                self._set(
+                    name, Routing(chosen["stable"], chosen["canary"], entry["canary_percent"], entry["mode"])
+                )
+            for version in held.values():
+                if all(version is not kept for kept in chosen.values()):
+                    self._retire(version)
+        for name in set(self._routing) - set(models):
+            await self._drop(name)
+
+    async def _changed(self, name: str | None, result: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What an admin change answers: the model's status, and where there are several workers,
+        which have the new routing (``replicate`` raises if one failed to take it)."""
+        workers = await self.replicate() if self.replicate is not None else None
+        result = result if result is not None else self.status(name)
+        return result | {"workers": workers} if workers is not None else result
+
+    def _save(self) -> None:
+        if not self.persist:
+            return
+        models = self.snapshot()
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
         leases = {
@@ -354,7 +404,7 @@ class Deployments:
                 f"model '{name}': '{requested}' names version {aliased} now, not version {version}"
             )
         path = fetch(uri, self.cache_dir, self.settings.mlflow_url)
-        model = VersionModel(name, version, read_bundle(path), serving.max_request_rows, serving.threads)
+        model = VersionModel(name, version, read_bundle(path), serving.max_request_rows, self.threads)
         try:
             model.load()
         except MLOpsError:

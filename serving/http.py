@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -42,6 +42,9 @@ from serving.auth import token_matches
 from serving.deployments import Deployments, Loaded
 from serving.explain import explain
 from serving.logger.client import InferenceLogger
+
+if TYPE_CHECKING:
+    from serving.workers import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,6 @@ PLATFORMS = {
 }
 _V2_METADATA = re.compile(r"^/v2/models/([^/]+)$")
 _ADMIN = re.compile(r"^/admin/v1/models(?:/([^/]+))?(?:/(versions|traffic|promote|rollback|lease))?$")
-_JSON = [(b"content-type", b"application/json")]
 
 
 class Front:
@@ -110,8 +112,10 @@ class Front:
         labels: LogStore | None = None,
         shadow_max_pending: int = 256,
         canary_fallback: bool = True,
+        cluster: Cluster | None = None,
     ) -> None:
         self.fallback = fallback
+        self.cluster = cluster  # one of several workers on the port (serving/workers.py); None: the only one
         self.logger = logger
         self.deployments = deployments
         self.admin_token = admin_token
@@ -121,6 +125,7 @@ class Front:
         self.shadow_max_pending = shadow_max_pending
         self.canary_fallback = canary_fallback  # a failed canary answer is retried on stable
         self._random = random.Random()
+        self._worker = [(b"x-mlops-worker", b"%d" % cluster.index)] if cluster is not None else []
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -131,11 +136,11 @@ class Front:
                 return await self._infer(scope, receive, send, match.group(1), None, protocol)
             if method == "POST" and (match := _V2_INFER.match(path)) and not _binary(scope):
                 return await self._infer(scope, receive, send, match.group(1), match.group(2), "v2")
-            if path == "/v2/health/ready" and not self.deployments.restored:
-                # kserve would say ready with no model registered yet: not before the saved ones are back.
-                return await _respond(
-                    send, 503, {"ready": False, "reason": "restoring deployments"}, "", "", ""
-                )
+            if path == "/v2/health/ready" and (reason := self._not_ready()):
+                return await _respond(send, 503, {"ready": False, "reason": reason}, "", "", "")
+            if path == "/metrics" and self.cluster is not None:
+                text, content_type = self.cluster.metrics()
+                return await _send(send, 200, text, "", "", "", content_type=content_type)
             if method == "GET" and (match := _V2_METADATA.match(path)):
                 return await self._metadata(send, match.group(1))
             if method == "POST" and path == "/v1/feedback":
@@ -143,6 +148,12 @@ class Front:
             if path.startswith("/admin/"):
                 return await self._admin(scope, receive, send)
         await self.fallback(scope, receive, send)
+
+    def _not_ready(self) -> str | None:
+        # kserve would say ready with no model registered yet: not before the saved ones are back.
+        if not self.deployments.restored:
+            return "restoring deployments"
+        return self.cluster.not_ready() if self.cluster is not None else None
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -225,7 +236,7 @@ class Front:
                 return
         metrics.requests(name, answered.version, role, protocol, "200").inc()
         metrics.latency(name, answered.version, role).observe(ended - started)
-        await _send(send, 200, response, request_id, answered.version, role)
+        await _send(send, 200, response, request_id, answered.version, role, self._worker)
 
     def _pick(
         self, routing: Any, pinned: str | None, headers: dict[bytes, bytes], name: str
@@ -384,25 +395,38 @@ class Front:
     async def _admin(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         try:
+            body = await self._read_body(scope, receive, headers)
+        except Exception as exc:
+            await _respond(send, status_for(exc), {"error": _message(exc, status_for(exc))}, "", "", "")
+            return
+        if self.cluster is not None and not self.cluster.leads:
+            code, result = await self.cluster.forward(scope["method"], scope["path"], headers, body)
+        else:
+            code, result = await self.admin_call(scope["method"], scope["path"], headers, body)
+        await _respond(send, code, result, "", "", "")
+
+    async def admin_call(
+        self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
+    ) -> tuple[int, Any]:
+        """An admin request, checked and carried out: (HTTP status, the answer's JSON)."""
+        try:
             if self.admin_token is None:
                 raise AdminDisabled("the admin API is disabled: no admin token is configured")
             if not token_matches(self.admin_token, _text(headers.get(b"authorization"))):
                 raise Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
-            match = _ADMIN.match(scope["path"])
+            match = _ADMIN.match(path)
             if match is None:
-                raise ModelNotFound(f"no admin route {scope['method']} {scope['path']}")
+                raise ModelNotFound(f"no admin route {method} {path}")
             name, action = match.group(1), match.group(2)
-            body = await self._read_body(scope, receive, headers)
-            if name is not None and action != "lease" and scope["method"] != "GET":
+            if name is not None and action != "lease" and method != "GET":
                 self.deployments.check_owner(name, _text(headers.get(b"x-mlops-lease-owner")))
-            result = await self._admin_action(scope["method"], name, action, _parse(body) if body else {})
+            result = await self._admin_action(method, name, action, _parse(body) if body else {})
         except Exception as exc:
             code = status_for(exc)
             if code == 500:
-                log.exception("admin %s %s failed", scope["method"], scope["path"])
-            await _respond(send, code, {"error": _message(exc, code)}, "", "", "")
-            return
-        await _respond(send, 200, result, "", "", "")
+                log.exception("admin %s %s failed", method, path)
+            return code, {"error": _message(exc, code)}
+        return 200, result
 
     async def _admin_action(self, method: str, name: str | None, action: str | None, body: Any) -> Any:
         deployments = self.deployments
@@ -498,12 +522,23 @@ async def _respond(send: Send, code: int, payload: Any, request_id: str, version
     )
 
 
-async def _send(send: Send, code: int, body: bytes, request_id: str, version: str, role: str) -> None:
-    headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+async def _send(
+    send: Send,
+    code: int,
+    body: bytes,
+    request_id: str,
+    version: str,
+    role: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    content_type: bytes = b"application/json",
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
     if request_id:
         headers.append((b"x-request-id", request_id.encode("latin-1")))
     if version:
         headers.append((b"x-model-version", version.encode()))
         headers.append((b"x-model-role", role.encode()))
+    if extra:
+        headers += extra
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})

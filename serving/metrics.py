@@ -50,7 +50,12 @@ NONFINITE = Counter(
     "Computations refused because an input overflowed the model's float type or an output was not finite",
     ["model", "version"],
 )
-LOADED = Gauge("mlops_model_loaded", "1 for each loaded version, by role", ["model", "version", "role"])
+LOADED = Gauge(
+    "mlops_model_loaded",
+    "1 for each loaded version, by role",
+    ["model", "version", "role"],
+    multiprocess_mode="livemax",  # workers (serving/workers.py) load the same versions
+)
 
 
 @functools.lru_cache(maxsize=4096)

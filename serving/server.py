@@ -13,9 +13,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.workers import Cluster
 
 ASGIApp = Any
 
@@ -28,9 +31,12 @@ def run_model_server(
     predictor_config: Any | None = None,
     on_start: Callable[[Any], Awaitable[None]] | None = None,
     on_stop: Callable[[], None] | None = None,
+    shared_port: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. ``on_start(model_repository)`` runs as a task once the loop runs;
-    ``on_stop()`` once the server has stopped answering (to drain what it buffered)."""
+    ``on_stop()`` once the server has stopped answering (to drain what it buffered). With
+    ``shared_port`` (one of several workers), ``on_start`` runs to its end first, then the port is
+    bound with SO_REUSEPORT, then ``shared_port()`` is called: the worker listens from there."""
     # kserve parses sys.argv when imported: a flag of ours with the same name would silently change
     # its defaults. Everything it needs is passed explicitly below.
     sys.argv = sys.argv[:1]
@@ -39,6 +45,9 @@ def run_model_server(
     from kserve.protocol.rest.server import RESTServer
 
     class _RESTServer(RESTServer):
+        async def start(self, sockets: list[Any] | None = None) -> None:  # type: ignore[override]
+            await self._server.serve(sockets=sockets)  # the application: created by main() below
+
         def create_application(self) -> None:
             super().create_application()
             from kserve.model_server import app
@@ -67,10 +76,19 @@ def run_model_server(
 
             async def main() -> None:
                 started = None
-                if on_start is not None:
+                sockets = None
+                rest.create_application()  # the front exists before on_start runs
+                if shared_port is not None:
+                    from serving.workers import reuseport_socket
+
+                    if on_start is not None:
+                        await on_start(self.registered_models)
+                    sockets = [reuseport_socket(host, port)]
+                    asyncio.get_running_loop().call_soon(shared_port)
+                elif on_start is not None:
                     started = asyncio.get_running_loop().create_task(on_start(self.registered_models))
                 try:
-                    await rest.start()
+                    await rest.start(sockets)
                 finally:
                     if started is not None:
                         started.cancel()
@@ -90,18 +108,20 @@ def run_model_server(
     server.start(models)
 
 
-def serve(settings: Settings) -> None:
-    """The stack's model server: the fast front, deployments restored from the state file."""
+def serve(settings: Settings, cluster: Cluster | None = None) -> None:
+    """The stack's model server: the fast front, deployments restored from the state file; or one
+    worker of several (``cluster``, serving/workers.py), whose routing is the leading worker's."""
     from serving.auth import admin_token, feedback_token
     from serving.deployments import Deployments
     from serving.http import Front
+    from serving.workers import compute_threads
 
     token = admin_token(settings)
     holder: dict[str, Any] = {}
-    logger, labels = inference_log(settings) if settings.logs.enabled else (None, None)
+    logger, labels = inference_log(settings, cluster) if settings.logs.enabled else (None, None)
 
     def wrap(app: ASGIApp) -> ASGIApp:
-        return Front(
+        holder["front"] = Front(
             app,
             holder["deployments"],
             token,
@@ -111,15 +131,25 @@ def serve(settings: Settings) -> None:
             labels=labels,
             shadow_max_pending=settings.serving.shadow_max_pending,
             canary_fallback=settings.serving.canary_fallback,
+            cluster=cluster,
         )
+        return holder["front"]
 
     async def on_start(repository: Any) -> None:
         deployments = holder["deployments"]
         deployments.attach(repository)
+        if cluster is not None and not cluster.leads:
+            await cluster.follow(deployments)
+            deployments.restored = True
+            return
         await deployments.restore()
         holder["lease_watch"] = asyncio.get_running_loop().create_task(deployments.watch_leases())
+        if cluster is not None:
+            await cluster.lead(deployments, holder["front"].admin_call)
 
-    holder["deployments"] = Deployments(settings)
+    workers = cluster.count if cluster is not None else 1
+    leads = cluster is None or cluster.leads
+    holder["deployments"] = Deployments(settings, compute_threads(settings, workers), persist=leads)
     logging.getLogger("serving").info(
         "model server on %s:%s, state %s",
         settings.host,
@@ -132,10 +162,11 @@ def serve(settings: Settings) -> None:
         wrap=wrap,
         on_start=on_start,
         on_stop=logger.close if logger else None,
+        shared_port=cluster.mark_ready if cluster is not None else None,
     )
 
 
-def inference_log(settings: Settings) -> tuple[Any, Any]:
+def inference_log(settings: Settings, cluster: Cluster | None = None) -> tuple[Any, Any]:
     """The logger, with its writer process (same settings, from the same environment), and the
     store for the server's own reads (the labels already stored, for POST /v1/feedback)."""
     from monitoring.logstore import get_log_store
@@ -143,8 +174,9 @@ def inference_log(settings: Settings) -> tuple[Any, Any]:
 
     store = get_log_store(settings.log_store_url, **settings.log_store_options())  # a bad URL fails here, now
     logging.getLogger("serving").info("inference log: %s", settings.log_store_url)
+    worker = [f"--worker={cluster.index}/{cluster.count}"] if cluster is not None else []
     logger = InferenceLogger(
-        [sys.executable, "-m", "serving.logger"], settings.logs.queue_events, settings.logs.flush_ms
+        [sys.executable, "-m", "serving.logger", *worker], settings.logs.queue_events, settings.logs.flush_ms
     )
     return logger, store
 
@@ -158,5 +190,9 @@ def main() -> int:
     except MLOpsError as exc:
         print(f"serving: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if settings.serving.workers > 1:
+        from serving.workers import supervise
+
+        return supervise(settings)
     serve(settings)
     return 0

@@ -1,4 +1,4 @@
-"""The embedded log store: SQLite in WAL mode, one writer process, any number of readers.
+"""The embedded log store: SQLite in WAL mode, a writer process per model server worker, any number of readers.
 
 Why SQLite: WAL lets the model server's log writer write while Airflow tasks read the same file
 from other processes (DuckDB allows no reader in another process while one has it open for

@@ -31,7 +31,10 @@ from serving.logger.wire import PIPE_BYTES, encode, id_line, write_all
 
 log = logging.getLogger(__name__)
 
-QUEUE_DEPTH = Gauge("mlops_log_queue_depth", "Inference records waiting to go to the log writer")
+# Gauges, in the multiprocess mode of several workers: the sum of the live ones, or the worst.
+QUEUE_DEPTH = Gauge(
+    "mlops_log_queue_depth", "Inference records waiting to go to the log writer", multiprocess_mode="livesum"
+)
 DROPPED = Counter(
     "mlops_log_events_dropped_total",
     "Inference events dropped: the model server's queue full (queue_full), or the writer's queue,"
@@ -42,7 +45,9 @@ WRITTEN = Counter("mlops_log_events_written_total", "Events the log store accept
 SPOOLED = Counter(
     "mlops_log_events_spooled_total", "Events written to the local spool while the store was away"
 )
-SPOOL_EVENTS = Gauge("mlops_log_spool_events", "Events in the local spool, waiting for the store")
+SPOOL_EVENTS = Gauge(
+    "mlops_log_spool_events", "Events in the local spool, waiting for the store", multiprocess_mode="livesum"
+)
 REJECTED = Counter("mlops_log_events_rejected_total", "Events the log store refused one by one, as invalid")
 DEAD_LETTERED = Counter(
     "mlops_log_events_dead_lettered_total",
@@ -58,7 +63,7 @@ FEEDBACK_UNKNOWN = Counter(
     "mlops_feedback_unknown_total",
     "Labels stored for a request id the log did not hold (within the look-back)",
 )
-STORE_UP = Gauge("mlops_log_store_up", "1 while the log store accepts writes")
+STORE_UP = Gauge("mlops_log_store_up", "1 while the log store accepts writes", multiprocess_mode="livemin")
 WRITER_RESTARTS = Counter("mlops_log_writer_restarts_total", "Times the log writer process was restarted")
 # The writer's counts (its report's keys) and where each goes.
 _COUNTERS = {

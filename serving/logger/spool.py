@@ -10,6 +10,7 @@ nothing replays by itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ class Spool:
         self.bytes = sum(path.stat().st_size for path in self._counts)
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("spool-*.spool"))
+        return _files(self.folder)
 
     def append(self, items: list[Item]) -> bool:
         """Write the items to the newest file (fsynced); False, writing nothing, at the cap."""
@@ -44,9 +45,7 @@ class Spool:
         if self.bytes + len(data) > self.max_bytes:
             return False
         if self._current is None or self._current.stat().st_size >= self._file_bytes:
-            files = self.files()
-            number = int(files[-1].stem.split("-")[1]) + 1 if files else 1
-            self._current = self.folder / f"spool-{number:09d}.spool"
+            self._current = _next_file(self.folder)
             self._counts[self._current] = 0
         with self._current.open("ab") as handle:
             handle.write(data)
@@ -71,6 +70,42 @@ class Spool:
             path.unlink()
             self.events -= self._counts.pop(path, 0)
             self.bytes -= size
+
+
+def worker_folder(base: Path, index: int) -> Path:
+    """Model server worker I's spool (or dead letters): ``base`` for the first (or only) one, else
+    ``base-I``: each writer process appends to its own files."""
+    return base if index == 0 else base.with_name(f"{base.name}-{index}")
+
+
+def adopt(base: Path, workers: int) -> int:
+    """Move into ``base`` (worker 0's folder) the files of workers numbered ``workers`` or more,
+    left by a server that ran more workers, after its own files and in their order, so that they
+    are replayed; call it before any writer of this server has started. Returns the files moved."""
+    moved = 0
+    for folder in sorted(base.parent.glob(f"{base.name}-*")):
+        index = folder.name.removeprefix(f"{base.name}-")
+        if not index.isdigit() or int(index) < workers:
+            continue
+        base.mkdir(parents=True, exist_ok=True)
+        for path in _files(folder):
+            path.rename(_next_file(base))
+            moved += 1
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    if moved:
+        log.info("%s: took over %d file(s) of workers that no longer run", base, moved)
+    return moved
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("spool-*.spool"))
+
+
+def _next_file(folder: Path) -> Path:
+    files = _files(folder)
+    number = int(files[-1].stem.split("-")[1]) + 1 if files else 1
+    return folder / f"spool-{number:09d}.spool"
 
 
 def _chunks(path: Path) -> Iterator[list[Item]]:

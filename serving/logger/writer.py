@@ -22,6 +22,7 @@ it falls behind (``CpuPriority``).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import fcntl
@@ -34,7 +35,6 @@ import termios
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -42,7 +42,7 @@ import orjson
 from common.errors import BackendUnavailable
 from monitoring.events import Feedback, RequestBatch, now_ms
 from monitoring.logstore import LogStore, WriteResult
-from serving.logger.spool import Spool
+from serving.logger.spool import Spool, adopt, worker_folder
 from serving.logger.wire import PIPE_BYTES, Item, PipeReader, events
 
 log = logging.getLogger(__name__)
@@ -385,8 +385,13 @@ def _unread(fd: int) -> int:
         return 0
 
 
-def main() -> int:
-    """`python -m serving.logger`: the writer process. Reads the pipe on stdin until it closes."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.logger [--worker=I/N]`: the writer process (of model server worker I of N).
+    Reads the pipe on stdin until it closes."""
+    parser = argparse.ArgumentParser(prog="python -m serving.logger")
+    parser.add_argument("--worker", default="0/1", help="the model server worker it writes for, of how many")
+    args = parser.parse_args(argv)
+    index, count = (int(part) for part in args.worker.split("/"))
     # The model server's stop (or a Ctrl-C) reaches the whole process group: the writer keeps
     # going until its input ends, so what it was handed is written, not lost.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -407,11 +412,16 @@ def main() -> int:
         out.flush()
 
     logs = settings.logs
-    folder: Path = settings.serving_dir
+    spool, dead_letters = (
+        worker_folder(settings.serving_dir / kind, index) for kind in ("spool", "dead-letter")
+    )
+    if index == 0:  # what the writers of workers that no longer exist left
+        for folder in (spool, dead_letters):
+            adopt(folder, count)
     writer = LogWriter(
         get_log_store(settings.log_store_url, **settings.log_store_options()),
-        Spool(folder / "spool", logs.spool_max_bytes),
-        Spool(folder / "dead-letter", logs.spool_max_bytes),
+        Spool(spool, logs.spool_max_bytes),
+        Spool(dead_letters, logs.spool_max_bytes),
         logs.batch_events,
         logs.flush_ms,
         queue_events=logs.queue_events,

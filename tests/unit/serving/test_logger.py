@@ -18,7 +18,7 @@ from monitoring.events import Feedback, MalformedEvent, RequestBatch, decode_req
 from monitoring.logstore import WriteResult
 from serving.logger import spool as spool_module
 from serving.logger.client import InferenceLogger
-from serving.logger.spool import Spool
+from serving.logger.spool import Spool, adopt, worker_folder
 from serving.logger.wire import IOV_MAX, PipeReader, encode, id_line, write_all
 from serving.logger.writer import LogWriter
 from serving.signature import RequestDecoder, Signature, TensorSpec
@@ -529,6 +529,23 @@ def test_a_spool_line_cut_short_by_a_crash_is_skipped_not_fatal(tmp_path):
     spool.replay(replayed.extend)
     assert merged(replayed) == merged([batch(1, 1)])
     assert not spool.files() and spool.events == 0
+
+
+def test_worker_zero_adopts_the_spools_of_workers_that_no_longer_run(tmp_path):
+    base = tmp_path / "spool"
+    Spool(base, 1 << 30).append([batch(0, 1)])
+    Spool(worker_folder(base, 1), 1 << 30).append([batch(10, 1)])  # worker 1 still runs: kept
+    gone = Spool(worker_folder(base, 3), 1 << 30, file_bytes=10)  # a server of 4 workers, before
+    gone.append([batch(20, 1)])
+    gone.append([batch(30, 2)])
+    (tmp_path / "spool-notes").mkdir()  # not a worker's folder
+    assert adopt(base, workers=2) == 2
+    assert not worker_folder(base, 3).exists() and (tmp_path / "spool-notes").exists()
+    assert Spool(worker_folder(base, 1), 1 << 30).events == 2
+    replayed: list[Any] = []
+    Spool(base, 1 << 30).replay(replayed.extend)  # its own file first, then the adopted ones in order
+    assert merged(replayed) == merged([batch(0, 1), batch(20, 1), batch(30, 2)])
+    assert adopt(base, workers=2) == 0
 
 
 def test_a_spool_is_replayed_a_chunk_at_a_time_however_large(tmp_path, monkeypatch):
