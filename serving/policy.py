@@ -62,6 +62,9 @@ class Ramp:
 
 
 ScaleMetric = Literal["concurrency", "rps", "cpu", "memory"]
+# Where a kserve:// target runs a version's predictor: this project's runtime image, or KServe's
+# Triton runtime (serving/targets/triton.py).
+Runtime = Literal["mlops", "triton"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Policy:
     thresholds: Thresholds = Thresholds()
     scaling: Scaling = Scaling()
     target: str | None = None  # default: MLOPS_SERVING__TARGET, else the stack's model server
+    runtime: Runtime = "mlops"
     source: str = "built-in defaults"
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,15 +115,15 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
         if not isinstance(layer, dict):
             raise ConfigError(f"{where}: a model's entry must be a mapping, got {layer!r}")
         for key, value in layer.items():
-            if key == "target":
+            if key in ("target", "runtime"):
                 if value is not None:
-                    merged["target"] = str(value)
+                    merged[key] = str(value)
                 continue
             if key in ("monitor", "retrain"):  # their own domains read and check these sections
                 continue
             if key not in _SECTIONS:
                 raise ConfigError(
-                    f"{where}: unknown key '{key}' (known: {', '.join([*_SECTIONS, 'target', 'monitor', 'retrain'])})"
+                    f"{where}: unknown key '{key}' (known: {', '.join([*_SECTIONS, 'target', 'runtime', 'monitor', 'retrain'])})"
                 )
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
@@ -141,6 +145,7 @@ def load_policy(path: Path, model: str, overrides: dict[str, dict[str, Any]] | N
             thresholds=Thresholds(**merged.get("thresholds", {}), min_requests=ramp.min_requests),
             scaling=Scaling(**merged.get("scaling", {})),
             target=merged.get("target"),
+            runtime=merged.get("runtime", "mlops"),  # type: ignore[arg-type]  # checked below
             source=str(path) if path.is_file() else "built-in defaults",
         )
     except TypeError as exc:
@@ -202,6 +207,8 @@ def _check(policy: Policy, path: Path) -> None:
         problems.append(
             f"scaling.container_concurrency must be 0 (no limit) or more, got {scale.container_concurrency}"
         )
+    if policy.runtime not in get_args(Runtime):
+        problems.append(f"runtime must be {' or '.join(get_args(Runtime))}, got {policy.runtime!r}")
     if not policy.approval.alias and not policy.approval.tag and not policy.approval.legacy_stage:
         problems.append("approval: no signal is enabled (alias, tag or legacy_stage)")
     if problems:

@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from common.errors import BackendUnavailable, InvalidInput, ModelNotFound, mlflow_not_found
@@ -110,12 +111,19 @@ def _from_mlflow(uri: str, staging: Path, tracking_uri: str) -> None:
         raise BackendUnavailable(f"MLflow at {tracking_uri} is unreachable for '{uri}': {exc}") from exc
 
 
-def _from_s3(bucket: str, prefix: str, staging: Path, uri: str) -> None:
+def s3_client() -> tuple[Any, str | None]:
+    """A boto3 S3 client (``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL`` for an S3-compatible
+    store; credentials as boto3 reads them), and that endpoint (None: AWS)."""
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    client = boto3.client("s3", endpoint_url=endpoint)
+    return boto3.client("s3", endpoint_url=endpoint), endpoint
+
+
+def _from_s3(bucket: str, prefix: str, staging: Path, uri: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client, endpoint = s3_client()
     folder = prefix.rstrip("/")  # "models/1" holds models/1/..., not models/10/...
     try:
         found = 0

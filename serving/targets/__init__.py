@@ -122,10 +122,10 @@ def _kserve(url: str, settings: Settings, token: str | None, owner: str | None) 
     from serving.policy import load_policy
     from serving.targets.kserve import KServeTarget
 
-    def scaling(model: str) -> Any:
-        return load_policy(settings.deploy.models_file, model).scaling
+    def policy(model: str) -> Any:
+        return load_policy(settings.deploy.models_file, model)
 
-    return KServeTarget(urlparse(url).netloc or "default", settings.kserve, owner=owner, scaling=scaling)
+    return KServeTarget(urlparse(url).netloc or "default", settings.kserve, owner=owner, policy=policy)
 
 
 _BUILDERS: dict[str, Callable[[str, Settings, str | None, str | None], DeploymentTarget]] = {

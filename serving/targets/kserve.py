@@ -30,9 +30,10 @@ from urllib.parse import urlparse
 
 from common.errors import BackendUnavailable, InvalidInput, LeaseHeld, ModelNotFound
 from common.settings import KServeSettings, LogsSettings, ServingSettings
-from serving.policy import Scaling
+from serving.policy import Policy, Runtime, Scaling
 from serving.router import Mode, Role
-from serving.targets import Deployment, Lease, VersionRef
+from serving.targets import Deployment, Lease, VersionRef, triton
+from serving.targets.triton import TRITON_FORMAT, TRITON_RUNTIME
 
 API_VERSION = "serving.kserve.io/v1beta1"
 MODEL_FORMAT = "mlops"
@@ -80,9 +81,17 @@ def check_storage_uri(uri: str) -> None:
 
 
 def inference_service(
-    model: str, namespace: str, rollout: Rollout, settings: KServeSettings, scaling: Scaling = DEFAULT_SCALING
+    model: str,
+    namespace: str,
+    rollout: Rollout,
+    settings: KServeSettings,
+    scaling: Scaling = DEFAULT_SCALING,
+    runtime: Runtime = "mlops",
+    triton_repository: str | None = None,
 ) -> Any:
-    """The V1beta1InferenceService for a model's rollout state, scaled as its policy says."""
+    """The V1beta1InferenceService for a model's rollout state, scaled as its policy says; with
+    ``runtime`` triton, the predictor is KServe's Triton runtime on the version's Triton repository
+    (serving/targets/triton.py), the transformer component (if any) still ours."""
     from kserve import (
         V1beta1InferenceService,
         V1beta1InferenceServiceSpec,
@@ -106,17 +115,31 @@ def inference_service(
         if settings.logger_url
         else None
     )
-    predictor = V1beta1PredictorSpec(
-        model=V1beta1ModelSpec(
+    resources = V1ResourceRequirements(
+        requests={"cpu": "1", "memory": "2Gi", **gpus}, limits={"cpu": "2", "memory": "4Gi", **gpus}
+    )
+    if runtime == "triton":
+        if triton_repository is None:
+            raise InvalidInput(f"model '{model}': runtime triton needs the version's Triton repository")
+        spec = V1beta1ModelSpec(
+            name="kserve-container",
+            model_format=V1beta1ModelFormat(name=TRITON_FORMAT),
+            runtime=TRITON_RUNTIME,
+            protocol_version="v2",
+            storage_uri=triton_repository,
+            resources=resources,
+        )
+    else:
+        spec = V1beta1ModelSpec(
             name="kserve-container",
             model_format=V1beta1ModelFormat(name=MODEL_FORMAT),
             runtime=TENSOR_RUNTIME if rollout.transformer else RUNTIME,
             storage_uri=serving.uri,
             env=version_env,
-            resources=V1ResourceRequirements(
-                requests={"cpu": "1", "memory": "2Gi", **gpus}, limits={"cpu": "2", "memory": "4Gi", **gpus}
-            ),
-        ),
+            resources=resources,
+        )
+    predictor = V1beta1PredictorSpec(
+        model=spec,
         canary_traffic_percent=_percent(rollout),
         service_account_name=settings.service_account,
         logger=None if rollout.transformer else logger,
@@ -144,6 +167,7 @@ def inference_service(
             **scaled,
         )
     annotations = {
+        f"{_ANNOTATION}runtime": runtime,
         f"{_ANNOTATION}stable-version": rollout.stable.version,
         f"{_ANNOTATION}stable-uri": rollout.stable.uri,
         f"{_ANNOTATION}transformer": str(rollout.transformer).lower(),
@@ -239,15 +263,17 @@ class KServeTarget:
         client: Any | None = None,
         has_transformer: Any | None = None,
         owner: str | None = None,
-        scaling: Callable[[str], Scaling] | None = None,
+        policy: Callable[[str], Policy] | None = None,
+        publish: Callable[[str, str, int], str] | None = None,
     ) -> None:
         self.namespace = namespace
         self.owner = owner
         self.settings = settings
         self._client = client
         self._has_transformer = has_transformer or _version_has_transformer
-        # Read at each change, so canary, promotion and rollback all keep the model's scaling.
-        self._scaling = scaling or (lambda model: DEFAULT_SCALING)
+        # Read at each change, so canary, promotion and rollback all keep the model's scaling and runtime.
+        self._policy = policy or (lambda model: Policy(model))
+        self._publish = publish or triton.publish
 
     @property
     def client(self) -> Any:
@@ -389,7 +415,13 @@ class KServeTarget:
         if lease is True and held is not None and held.owner != self.owner:
             raise _lease_held(model, held)
         kept = held if lease is True else lease
-        desired = inference_service(model, self.namespace, rollout, self.settings, self._scaling(model))
+        policy = self._policy(model)
+        repository = None
+        if policy.runtime == "triton":  # the version the predictor runs, as a Triton repository
+            repository = self._publish(model, rollout.serving.uri, ServingSettings().batch_max_rows)
+        desired = inference_service(
+            model, self.namespace, rollout, self.settings, policy.scaling, policy.runtime, repository
+        )
         if isinstance(kept, Lease) and kept.owner:
             desired.metadata.annotations[LEASE_ANNOTATION] = json.dumps(
                 {"owner": kept.owner, "expires_at": kept.expires_at, "record": kept.record or {}}
@@ -627,7 +659,8 @@ def log_receiver(namespace: str, settings: KServeSettings, port: int, spool_byte
 
 def render_manifests(settings: KServeSettings, logs: LogsSettings) -> dict[str, str]:
     """The files of docker/k8s/: the serving runtimes, the settings every mlops pod reads, the log
-    receiver, the steps' account, and an example InferenceService mid-canary."""
+    receiver, the steps' account, and an example InferenceService mid-canary (on this project's
+    runtime, and on Triton)."""
     import yaml
 
     header = "# Generated by `mlops serve manifests --output-dir docker/k8s` (serving/targets/kserve.py).\n"
@@ -648,6 +681,19 @@ def render_manifests(settings: KServeSettings, logs: LogsSettings) -> dict[str, 
         "runtime-steps.yaml": [to_manifest(o) for o in runtime_steps(namespace)],
         "example-inferenceservice.yaml": [
             to_manifest(inference_service("demo-fraud", namespace, example, settings))
+        ],
+        "example-inferenceservice-triton.yaml": [
+            to_manifest(
+                inference_service(
+                    "demo-fraud",
+                    namespace,
+                    example,
+                    settings,
+                    DEFAULT_SCALING,
+                    "triton",
+                    triton.repository_uri(example.serving.uri, "demo-fraud"),
+                )  # fmt: skip
+            )
         ],
     }
     return {

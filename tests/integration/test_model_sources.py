@@ -253,3 +253,38 @@ def test_a_version_of_each_framework_registered_in_mlflow_is_served_and_verified
         got = [list(p["probabilities"].values()) for p in answer.json()["predictions"]]
         np.testing.assert_allclose(got, scores, atol=1e-4)
     assert refused.status_code == 400 and "serialization_format='skops'" in refused.json()["error"]
+
+
+def test_a_model_on_triton_gets_its_version_published_next_to_it_once(tmp_path, s3):
+    import uuid
+
+    from serving.examples import save_mlp
+    from serving.policy import Policy
+    from serving.targets.kserve import KServeTarget, to_manifest
+    from tests.unit.serving.test_kserve_target import SETTINGS, FakeCluster
+
+    folder = save_mlp(tmp_path / "five", seed=5)
+    prefix = f"fraud/{uuid.uuid4().hex[:8]}/5"  # the target's download cache is keyed by URI
+    upload(s3, folder, prefix)
+    cluster = FakeCluster()
+    kserve = KServeTarget(
+        "ml", SETTINGS, client=cluster.client, policy=lambda model: Policy(model, runtime="triton")
+    )
+    kserve.deploy("fraud", "5", f"s3://models/{prefix}", role="stable")
+    repository = f"{prefix}-triton-fraud"
+    model = to_manifest(cluster.objects["fraud"])["spec"]["predictor"]["model"]
+    assert model["storageUri"] == f"s3://models/{repository}" and model["runtime"] == "kserve-tritonserver"
+    listed = s3.list_objects_v2(Bucket="models", Prefix=f"{repository}/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [
+        f"{repository}/fraud/1/model.onnx",
+        f"{repository}/fraud/config.pbtxt",
+    ]
+    onnx_bytes = s3.get_object(Bucket="models", Key=f"{repository}/fraud/1/model.onnx")["Body"].read()
+    assert onnx_bytes == (folder / "model.onnx").read_bytes()
+    config = s3.get_object(Bucket="models", Key=f"{repository}/fraud/config.pbtxt")["Body"].read().decode()
+    assert 'name: "fraud"' in config and "max_batch_size: 256" in config
+    # Published once: the next step finds the config and writes nothing (not even a file it lost).
+    s3.delete_object(Bucket="models", Key=f"{repository}/fraud/1/model.onnx")
+    kserve.deploy("fraud", "5", f"s3://models/{prefix}", role="stable")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix=f"{repository}/")["Contents"]]
+    assert keys == [f"{repository}/fraud/config.pbtxt"]

@@ -318,14 +318,18 @@ def test_the_steps_account_may_do_what_the_kserve_target_does_and_nothing_else()
 
 
 def test_each_component_scales_as_the_models_policy_says_through_every_rollout_step():
-    from serving.policy import Scaling
+    from serving.policy import Policy, Scaling
 
     cluster = FakeCluster()
     scaling = Scaling(
         min_replicas=0, max_replicas=8, scale_metric="rps", scale_target=40, container_concurrency=4
     )
     kserve = KServeTarget(
-        "ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: True, scaling=lambda m: scaling
+        "ml",
+        SETTINGS,
+        client=cluster.client,
+        has_transformer=lambda uri: True,
+        policy=lambda m: Policy(m, scaling=scaling),
     )
     expected = {
         "minReplicas": 0, "maxReplicas": 8, "scaleMetric": "rps", "scaleTarget": 40, "containerConcurrency": 4,
@@ -367,3 +371,39 @@ def test_the_kserve_target_reads_each_models_scaling_from_the_models_file(tmp_pa
     kserve.deploy("other", "1", V1.uri, role="stable")
     assert [predictor(cluster.objects[m])["minReplicas"] for m in ("fraud", "other")] == [0, 1]
     assert predictor(cluster.objects["fraud"])["maxReplicas"] == 5
+
+
+def test_a_model_on_triton_gets_its_version_as_a_triton_repository_through_every_step():
+    from serving.policy import Policy
+
+    cluster = FakeCluster()
+    published: list[tuple[str, str, int]] = []
+
+    def publish(model: str, uri: str, batch: int) -> str:
+        published.append((model, uri, batch))
+        return f"{uri}-triton-{model}"
+
+    kserve = KServeTarget(
+        "ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: True,
+        policy=lambda m: Policy(m, runtime="triton"), publish=publish,
+    )  # fmt: skip
+    steps = (
+        (lambda: kserve.deploy("fraud", "1", V1.uri, role="stable"), V1),
+        (lambda: kserve.deploy("fraud", "2", V2.uri), V2),
+        (lambda: kserve.set_traffic("fraud", 50), V2),
+        (lambda: kserve.rollback("fraud"), V1),
+    )
+    for step, serving in steps:
+        step()
+        manifest = cluster.objects["fraud"]
+        model = predictor(manifest)["model"]
+        assert model["runtime"] == "kserve-tritonserver" and model["modelFormat"] == {"name": "onnx"}
+        assert model["protocolVersion"] == "v2" and model["storageUri"] == f"{serving.uri}-triton-fraud"
+        assert "env" not in model  # Triton reads no setting of ours
+        assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        # Raw features still meet our transformer, which reads the version itself and speaks V2 to Triton.
+        container = manifest["spec"]["transformer"]["containers"][0]
+        assert {"name": "STORAGE_URI", "value": serving.uri} in container["env"]
+        assert manifest["metadata"]["annotations"]["mlops.io/runtime"] == "triton"
+    assert published[-1] == ("fraud", V1.uri, 256) and {p[1] for p in published} == {V1.uri, V2.uri}
+    assert cluster.objects["fraud"]["metadata"]["annotations"]["mlops.io/stable-version"] == "1"
