@@ -118,8 +118,8 @@ class VersionModel(kserve.Model):
         self.ready = True
         return True
 
-    def _smoke_test(self) -> None:
-        """One row of zeros (or empty strings) through the whole path: a broken model fails at load."""
+    def _zero_row(self) -> dict[str, np.ndarray]:
+        """One request row of zeros (or empty strings), as the request signature has it."""
         assert self.request_signature is not None
         row = {}
         for spec in self.request_signature.inputs:
@@ -127,6 +127,19 @@ class VersionModel(kserve.Model):
             row[spec.name] = (
                 np.full(shape, "", dtype=object) if spec.datatype == "BYTES" else np.zeros(shape, spec.dtype)
             )
+        return row
+
+    def tensors(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The model's own tensors for one row of zeros: what its runtime takes (after the
+        transformer, if any) and what it answers, named, typed and shaped (a loaded version)."""
+        assert self.runtime is not None
+        row = self._zero_row()
+        feeds = self.transformer.encode(row)[0] if self.transformer is not None else row
+        return feeds, self.runtime.run(feeds)
+
+    def _smoke_test(self) -> None:
+        """One row of zeros (or empty strings) through the whole path: a broken model fails at load."""
+        row = self._zero_row()
         try:
             self.compute(row)
         except Exception as exc:

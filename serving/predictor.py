@@ -35,6 +35,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--predictor_protocol", default="v2", choices=("v1", "v2"))
     parser.add_argument("--max_request_rows", type=int, default=1024)
+    parser.add_argument(
+        "--indexed_tensors",
+        action="store_true",
+        help="transformer role: the predictor takes tensors by position, <name>__<index> (TorchScript on Triton)",
+    )
     args, _ = parser.parse_known_args(argv)  # KServe may append flags of its own
     if args.transformer and not args.predictor_host:
         parser.error("--transformer needs --predictor_host")
@@ -49,7 +54,9 @@ def build_model(args: argparse.Namespace) -> Any:
     if args.transformer:
         from serving.transformer_model import TransformerModel
 
-        return TransformerModel(args.model_name, version, bundle, args.max_request_rows)
+        return TransformerModel(
+            args.model_name, version, bundle, args.max_request_rows, indexed_tensors=args.indexed_tensors
+        )
     from serving.model import VersionModel
 
     model = VersionModel(

@@ -7,6 +7,7 @@ scores. Same spec, same decoder as the model server, where the mapping runs in-p
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import kserve
@@ -17,15 +18,26 @@ from common.errors import ModelNotReady
 from serving.bundle import Bundle
 from serving.model import kserve_errors
 from serving.signature import RequestDecoder, v2_outputs
+from serving.targets.triton import indexed
 
 # How postprocess knows which protocol the request came in: kserve hands the same headers dict
 # to preprocess and postprocess of one request.
 _PROTOCOL_HEADER = "x-mlops-protocol"
+_INDEX = re.compile(r"__\d+$")  # a positional tensor name's index (see serving/targets/triton.py)
 
 
 class TransformerModel(kserve.Model):
-    def __init__(self, name: str, version: str, bundle: Bundle, max_request_rows: int = 1024) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        bundle: Bundle,
+        max_request_rows: int = 1024,
+        indexed_tensors: bool = False,
+    ) -> None:
         super().__init__(name)
+        # The predictor takes and gives tensors by position, ``<name>__<index>`` (TorchScript on Triton).
+        self.indexed_tensors = indexed_tensors
         if bundle.transformer is None:
             raise ModelNotReady(f"model '{name}' version {version} has no transformer spec to run")
         if bundle.signature is None:
@@ -55,8 +67,10 @@ class TransformerModel(kserve.Model):
             headers[_PROTOCOL_HEADER] = protocol
         feeds, _ = self.transformer.encode(inputs)
         tensors = []
-        for name, array in feeds.items():
-            tensor = InferInput(name, list(array.shape), "FP32")
+        for index, (name, array) in enumerate(feeds.items()):
+            tensor = InferInput(
+                indexed(name, index) if self.indexed_tensors else name, list(array.shape), "FP32"
+            )
             tensor.set_data_from_numpy(array.astype(np.float32), binary_data=False)
             tensors.append(tensor)
         return InferRequest(self.name, tensors, request_id=(headers or {}).get("x-request-id"))
@@ -65,7 +79,12 @@ class TransformerModel(kserve.Model):
         self, result: Any, headers: dict[str, str] | None = None, response_headers: Any = None
     ) -> Any:
         response = result if isinstance(result, InferResponse) else InferResponse.from_rest(result)
-        named = self.transformer.decode({output.name: output.as_numpy() for output in response.outputs})
+        named = self.transformer.decode(
+            {
+                _INDEX.sub("", o.name) if self.indexed_tensors else o.name: o.as_numpy()
+                for o in response.outputs
+            }
+        )
         if (headers or {}).get(_PROTOCOL_HEADER, "v1") == "v1":
             return {"predictions": self.transformer.v1_predictions(named)}
         return InferResponse(

@@ -33,7 +33,7 @@ from common.settings import KServeSettings, LogsSettings, ServingSettings
 from serving.policy import Policy, Runtime, Scaling
 from serving.router import Mode, Role
 from serving.targets import Deployment, Lease, VersionRef, triton
-from serving.targets.triton import TRITON_FORMAT, TRITON_RUNTIME
+from serving.targets.triton import TRITON_RUNTIME, Repository
 
 API_VERSION = "serving.kserve.io/v1beta1"
 MODEL_FORMAT = "mlops"
@@ -87,7 +87,7 @@ def inference_service(
     settings: KServeSettings,
     scaling: Scaling = DEFAULT_SCALING,
     runtime: Runtime = "mlops",
-    triton_repository: str | None = None,
+    triton_repository: Repository | None = None,
 ) -> Any:
     """The V1beta1InferenceService for a model's rollout state, scaled as its policy says; with
     ``runtime`` triton, the predictor is KServe's Triton runtime on the version's Triton repository
@@ -123,10 +123,10 @@ def inference_service(
             raise InvalidInput(f"model '{model}': runtime triton needs the version's Triton repository")
         spec = V1beta1ModelSpec(
             name="kserve-container",
-            model_format=V1beta1ModelFormat(name=TRITON_FORMAT),
+            model_format=V1beta1ModelFormat(name=triton_repository.model_format),
             runtime=TRITON_RUNTIME,
             protocol_version="v2",
-            storage_uri=triton_repository,
+            storage_uri=triton_repository.uri,
             resources=resources,
         )
     else:
@@ -153,7 +153,12 @@ def inference_service(
                     name="kserve-container",
                     image=settings.image,
                     command=["python", "-m", "serving.predictor"],
-                    args=["--transformer", "--model_dir=/mnt/models"],
+                    args=[
+                        "--transformer",
+                        "--model_dir=/mnt/models",
+                        # TorchScript on Triton takes its tensors by position: <name>__<index>.
+                        *(["--indexed_tensors"] if triton_repository and triton_repository.indexed else []),
+                    ],
                     # STORAGE_URI: KServe's storage initializer fetches the version here too (the spec).
                     env=[V1EnvVar(name="STORAGE_URI", value=serving.uri), *version_env],
                     resources=V1ResourceRequirements(
@@ -264,7 +269,7 @@ class KServeTarget:
         has_transformer: Any | None = None,
         owner: str | None = None,
         policy: Callable[[str], Policy] | None = None,
-        publish: Callable[[str, str, int], str] | None = None,
+        publish: Callable[[str, str, int], Repository] | None = None,
     ) -> None:
         self.namespace = namespace
         self.owner = owner
@@ -691,7 +696,7 @@ def render_manifests(settings: KServeSettings, logs: LogsSettings) -> dict[str, 
                     settings,
                     DEFAULT_SCALING,
                     "triton",
-                    triton.repository_uri(example.serving.uri, "demo-fraud"),
+                    Repository(triton.repository_uri(example.serving.uri, "demo-fraud")),
                 )  # fmt: skip
             )
         ],

@@ -1,8 +1,8 @@
 """A version on KServe's Triton runtime: a Triton model repository, published next to the version.
 
 Triton serves a model repository, not an MLflow model: ``<repository>/<model>/config.pbtxt`` and
-``<repository>/<model>/1/model.onnx``, the model's name being its folder's. KServe's storage
-initializer downloads the predictor's ``storageUri`` to /mnt/models, which the
+``<repository>/<model>/1/model.onnx`` (or ``model.pt``), the model's name being its folder's.
+KServe's storage initializer downloads the predictor's ``storageUri`` to /mnt/models, which the
 ``kserve-tritonserver`` runtime serves. So a model whose policy says ``runtime: triton`` gets,
 when a version is deployed to a ``kserve://`` target, that repository written next to the version
 in the artifact store (``<version uri>-triton-<model>``), once: the version's ONNX graph (a
@@ -12,22 +12,40 @@ batcher up to the model server's batch size. The config is written last: its pre
 repository is whole. A version with a transformer spec keeps the transformer component in front
 (raw features in, V2 tensors to Triton); one without answers Triton's V2 only.
 
-Only ONNX goes to Triton here: a PyTorch version stays on this project's runtime (Triton's
-libtorch backend takes TorchScript with its own tensor naming; not done).
+A TorchScript version goes to Triton's libtorch backend, which takes tensors by position
+(``<name>__<index>``): its config is read from what the loaded version answers to a row of zeros,
+and the transformer component renames the tensors both ways (``--indexed_tensors``). An exported
+program (pt2) cannot go: libtorch loads TorchScript only.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from common.errors import BackendRefused, BackendUnavailable, InvalidInput
 
+if TYPE_CHECKING:
+    from serving.bundle import Bundle
+
 TRITON_RUNTIME = "kserve-tritonserver"
-TRITON_FORMAT = "onnx"
+_LIBTORCH = 'platform: "pytorch_libtorch"'
 _VERSION_FOLDER = "1"  # Triton's version policy serves the newest folder: the repository holds one
 # ONNX element types (onnx.TensorProto) as Triton's data types.
+_NUMPY_TYPES = {
+    "f4": "TYPE_FP32",
+    "f8": "TYPE_FP64",
+    "f2": "TYPE_FP16",
+    "i8": "TYPE_INT64",
+    "i4": "TYPE_INT32",
+    "i2": "TYPE_INT16",
+    "i1": "TYPE_INT8",
+    "u1": "TYPE_UINT8",
+    "b1": "TYPE_BOOL",
+}
 _TYPES = {
     1: "TYPE_FP32",
     2: "TYPE_UINT8",
@@ -47,6 +65,9 @@ def repository_uri(uri: str, model: str) -> str:
     return f"{uri.rstrip('/')}-triton-{model}"
 
 
+Tensor = tuple[str, str, list[int]]  # name, Triton data type, dims
+
+
 def model_config(model: str, onnx_file: Path, max_batch_size: int) -> str:
     """``config.pbtxt`` for an ONNX graph: its inputs and outputs by name, type and shape. When
     every tensor's first dimension is free (the batch), Triton batches requests together up to
@@ -55,43 +76,92 @@ def model_config(model: str, onnx_file: Path, max_batch_size: int) -> str:
 
     graph = onnx.load(str(onnx_file), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
-    inputs = [t for t in graph.input if t.name not in initializers]
-    tensors = [("input", t) for t in inputs] + [("output", t) for t in graph.output]
-    shapes = {}
-    for _, tensor in tensors:
-        kind = tensor.type.tensor_type
-        if kind.elem_type not in _TYPES:
-            raise InvalidInput(
-                f"model '{model}': tensor '{tensor.name}' has ONNX element type {kind.elem_type}, which this"
-                " Triton config does not map; serve it with runtime mlops"
-            )
-        shapes[tensor.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
-    batched = all(shape and shape[0] == -1 for shape in shapes.values())
-    lines = [
-        f'name: "{model}"',
-        'backend: "onnxruntime"',
-        f"max_batch_size: {max_batch_size if batched else 0}",
-    ]
+    found: dict[str, list[Tensor]] = {"input": [], "output": []}
+    for section, tensors in (
+        ("input", [t for t in graph.input if t.name not in initializers]),
+        ("output", graph.output),
+    ):
+        for tensor in tensors:
+            kind = tensor.type.tensor_type
+            if kind.elem_type not in _TYPES:
+                raise InvalidInput(
+                    f"model '{model}': tensor '{tensor.name}' has ONNX element type {kind.elem_type}, which this"
+                    " Triton config does not map; serve it with runtime mlops"
+                )
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+            found[section].append((tensor.name, _TYPES[kind.elem_type], dims))
+    batched = all(dims and dims[0] == -1 for _, _, dims in found["input"] + found["output"])
+    if batched:
+        found = {section: [(n, t, dims[1:]) for n, t, dims in tensors] for section, tensors in found.items()}
+    return _render(model, 'backend: "onnxruntime"', max_batch_size if batched else 0, found)
+
+
+def torchscript_config(model: str, bundle: Bundle, max_batch_size: int) -> str:
+    """``config.pbtxt`` for a TorchScript version, which names no shapes: the version is loaded and
+    answers one row of zeros, and its tensors as they come (the transformer's output, if it has
+    one) give the config. Triton's libtorch backend takes tensors by position, named
+    ``<name>__<index>``; rows are the first dimension (the model server batches them so too)."""
+    from serving.model import VersionModel
+
+    version = VersionModel(model, "triton", bundle)
+    version.load()
+    feeds, answers = version.tensors()
+    found = {
+        section: [
+            (indexed(name, index), _numpy_type(model, name, array), list(array.shape[1:]))
+            for index, (name, array) in enumerate(arrays.items())
+        ]
+        for section, arrays in (("input", feeds), ("output", answers))
+    }
+    return _render(model, _LIBTORCH, max_batch_size, found)
+
+
+def indexed(name: str, index: int) -> str:
+    """A tensor's name as Triton's libtorch backend takes it: by position."""
+    return f"{name}__{index}"
+
+
+def _numpy_type(model: str, name: str, array: Any) -> str:
+    triton = _NUMPY_TYPES.get(array.dtype.str.lstrip("<>=|"))
+    if triton is None:
+        raise InvalidInput(
+            f"model '{model}': tensor '{name}' is {array.dtype}, which this Triton config does not map;"
+            " serve it with runtime mlops"
+        )
+    return triton
+
+
+def _render(model: str, runs_on: str, max_batch_size: int, found: dict[str, list[Tensor]]) -> str:
+    lines = [f'name: "{model}"', runs_on, f"max_batch_size: {max_batch_size}"]
     for section in ("input", "output"):
         entries = []
-        for _, tensor in (pair for pair in tensors if pair[0] == section):
-            dims = shapes[tensor.name][1:] if batched else shapes[tensor.name]
+        for name, kind, dims in found[section]:
             # A tensor of one value per row: Triton wants a dimension, the graph has none.
             shape = (
                 f"dims: [ {', '.join(map(str, dims))} ]" if dims else "dims: [ 1 ] reshape: { shape: [ ] }"
             )
-            entries.append(
-                f'  {{ name: "{tensor.name}" data_type: {_TYPES[tensor.type.tensor_type.elem_type]} {shape} }}'
-            )
+            entries.append(f'  {{ name: "{name}" data_type: {kind} {shape} }}')
         lines += [f"{section} [", ",\n".join(entries), "]"]
-    if batched:
+    if max_batch_size:
         lines.append("dynamic_batching { }")
     return "\n".join(lines) + "\n"
 
 
-def publish(model: str, uri: str, max_batch_size: int) -> str:
-    """Write the version's Triton repository for ``model`` next to it (once) and return its URI.
-    The version must be in S3 (where the artifact store keeps it, and where KServe reads it)."""
+@dataclass(frozen=True)
+class Repository:
+    """A version's Triton repository: where, and whether its tensors go by position (TorchScript)."""
+
+    uri: str
+    indexed: bool = False
+
+    @property
+    def model_format(self) -> str:
+        return "pytorch" if self.indexed else "onnx"
+
+
+def publish(model: str, uri: str, max_batch_size: int) -> Repository:
+    """Write the version's Triton repository for ``model`` next to it (once) and return it. The
+    version must be in S3 (where the artifact store keeps it, and where KServe reads it)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from serving.bundle import read_bundle
@@ -108,25 +178,23 @@ def publish(model: str, uri: str, max_batch_size: int) -> str:
     config_key = f"{prefix}/{model}/config.pbtxt"
     client, endpoint = s3_client()
     try:
-        client.head_object(Bucket=bucket, Key=config_key)
-        return repository  # published before (the config is written last)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-            raise BackendUnavailable(f"S3 ({endpoint or 'AWS'}) refused '{repository}': {exc}") from exc
-    except BotoCoreError as exc:
-        raise BackendUnavailable(
-            f"S3 ({endpoint or 'AWS'}) is unreachable for '{repository}': {exc}"
-        ) from exc
-    cache = Path(tempfile.gettempdir()) / "mlops-kserve-target"
-    bundle = read_bundle(fetch(uri, cache, tracking_uri=""))
-    if bundle.flavor != "onnx":
-        raise InvalidInput(
-            f"model '{model}': runtime triton serves ONNX versions (and scikit-learn, XGBoost, LightGBM ones,"
-            f" converted); '{uri}' is {bundle.flavor}: set the model's runtime to mlops"
-        )
-    config = model_config(model, bundle.model_file, max_batch_size)
-    try:
-        client.upload_file(str(bundle.model_file), bucket, f"{prefix}/{model}/{_VERSION_FOLDER}/model.onnx")
+        try:  # published before: the config is written last
+            written = client.get_object(Bucket=bucket, Key=config_key)["Body"].read().decode()
+            return Repository(repository, _LIBTORCH in written)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise
+        bundle = read_bundle(fetch(uri, Path(tempfile.gettempdir()) / "mlops-kserve-target", tracking_uri=""))
+        if bundle.flavor == "onnx":
+            config, file_name = model_config(model, bundle.model_file, max_batch_size), "model.onnx"
+        elif bundle.flavor == "torchscript":
+            config, file_name = torchscript_config(model, bundle, max_batch_size), "model.pt"
+        else:
+            raise InvalidInput(
+                f"model '{model}': Triton's libtorch backend loads TorchScript, not an exported program (pt2);"
+                f" '{uri}' is {bundle.flavor}: set the model's runtime to mlops, or log the version as ONNX"
+            )
+        client.upload_file(str(bundle.model_file), bucket, f"{prefix}/{model}/{_VERSION_FOLDER}/{file_name}")
         client.put_object(Bucket=bucket, Key=config_key, Body=config.encode())
     except ClientError as exc:
         raise BackendRefused(
@@ -136,4 +204,4 @@ def publish(model: str, uri: str, max_batch_size: int) -> str:
         raise BackendUnavailable(
             f"S3 ({endpoint or 'AWS'}) is unreachable for '{repository}': {exc}"
         ) from exc
-    return repository
+    return Repository(repository, bundle.flavor == "torchscript")

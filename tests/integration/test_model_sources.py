@@ -288,3 +288,39 @@ def test_a_model_on_triton_gets_its_version_published_next_to_it_once(tmp_path, 
     kserve.deploy("fraud", "5", f"s3://models/{prefix}", role="stable")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix=f"{repository}/")["Contents"]]
     assert keys == [f"{repository}/fraud/config.pbtxt"]
+
+
+def test_a_torchscript_version_on_triton_goes_by_position_also_when_published_before(tmp_path, s3):
+    import uuid
+
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from serving.policy import Policy
+    from serving.targets.kserve import KServeTarget, to_manifest
+    from tests.unit.serving.test_kserve_target import SETTINGS, FakeCluster
+
+    signature = ModelSignature(
+        Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "features")]),
+        Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "scores")]),
+    )
+    folder = tmp_path / "scripted"
+    module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Softmax(dim=1)))
+    mlflow.pytorch.save_model(module, str(folder), signature=signature, serialization_format="pickle")
+    prefix = f"scorer/{uuid.uuid4().hex[:8]}/1"
+    upload(s3, folder, prefix)
+    cluster = FakeCluster()
+    kserve = KServeTarget(
+        "ml", SETTINGS, client=cluster.client, policy=lambda model: Policy(model, runtime="triton")
+    )
+    for _ in range(2):  # the second time the repository is there: read back, not written
+        kserve.deploy("scorer", "1", f"s3://models/{prefix}", role="stable")
+        model = to_manifest(cluster.objects["scorer"])["spec"]["predictor"]["model"]
+        assert model["modelFormat"] == {"name": "pytorch"} and model["runtime"] == "kserve-tritonserver"
+    repository = f"{prefix}-triton-scorer"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="models", Prefix=f"{repository}/")["Contents"])
+    assert keys == [f"{repository}/scorer/1/model.pt", f"{repository}/scorer/config.pbtxt"]
+    config = s3.get_object(Bucket="models", Key=f"{repository}/scorer/config.pbtxt")["Body"].read().decode()
+    assert 'platform: "pytorch_libtorch"' in config and '"features__0"' in config and '"scores__0"' in config

@@ -375,13 +375,14 @@ def test_the_kserve_target_reads_each_models_scaling_from_the_models_file(tmp_pa
 
 def test_a_model_on_triton_gets_its_version_as_a_triton_repository_through_every_step():
     from serving.policy import Policy
+    from serving.targets.triton import Repository
 
     cluster = FakeCluster()
     published: list[tuple[str, str, int]] = []
 
-    def publish(model: str, uri: str, batch: int) -> str:
+    def publish(model: str, uri: str, batch: int) -> Repository:
         published.append((model, uri, batch))
-        return f"{uri}-triton-{model}"
+        return Repository(f"{uri}-triton-{model}", indexed=uri == V2.uri)  # version 2: TorchScript
 
     kserve = KServeTarget(
         "ml", SETTINGS, client=cluster.client, has_transformer=lambda uri: True,
@@ -397,13 +398,17 @@ def test_a_model_on_triton_gets_its_version_as_a_triton_repository_through_every
         step()
         manifest = cluster.objects["fraud"]
         model = predictor(manifest)["model"]
-        assert model["runtime"] == "kserve-tritonserver" and model["modelFormat"] == {"name": "onnx"}
+        assert model["runtime"] == "kserve-tritonserver"
+        assert model["modelFormat"] == {"name": "pytorch" if serving == V2 else "onnx"}
         assert model["protocolVersion"] == "v2" and model["storageUri"] == f"{serving.uri}-triton-fraud"
         assert "env" not in model  # Triton reads no setting of ours
         assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
         # Raw features still meet our transformer, which reads the version itself and speaks V2 to Triton.
         container = manifest["spec"]["transformer"]["containers"][0]
         assert {"name": "STORAGE_URI", "value": serving.uri} in container["env"]
+        assert ("--indexed_tensors" in container["args"]) == (
+            serving == V2
+        )  # TorchScript: tensors by position
         assert manifest["metadata"]["annotations"]["mlops.io/runtime"] == "triton"
     assert published[-1] == ("fraud", V1.uri, 256) and {p[1] for p in published} == {V1.uri, V2.uri}
     assert cluster.objects["fraud"]["metadata"]["annotations"]["mlops.io/stable-version"] == "1"

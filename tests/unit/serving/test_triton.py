@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from common.errors import InvalidInput
 from serving.bundle import read_bundle
 from serving.examples import save_framework_model, save_mlp
-from serving.targets.triton import model_config, publish, repository_uri
+from serving.targets.triton import Repository, model_config, publish, repository_uri, torchscript_config
 
 
 def _triton_proto():
@@ -115,3 +115,71 @@ def test_only_an_s3_version_can_have_its_repository_published_next_to_it(tmp_pat
     )
     with pytest.raises(InvalidInput, match="needs an s3:// version URI, got 'gs://b/m'"):
         publish("fraud", "gs://b/m", 256)
+
+
+def test_a_torchscript_version_is_described_by_what_it_answers_and_named_by_position(tmp_path):
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    class Scorer(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.softmax(x[:, :2], dim=1), x.sum(dim=1)
+
+    signature = ModelSignature(
+        Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "features")]),
+        Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, 2), "scores"),
+                TensorSpec(np.dtype(np.float32), (-1,), "total"),
+            ]
+        ),
+    )
+    mlflow.pytorch.save_model(
+        torch.jit.script(Scorer()),
+        str(tmp_path / "torch"),
+        signature=signature,
+        serialization_format="pickle",
+    )
+    text = torchscript_config("scorer", read_bundle(tmp_path / "torch"), 128)
+    config = parse(text)
+    assert 'platform: "pytorch_libtorch"' in text and config.max_batch_size == 128
+    assert tensors(config.input) == [("features__0", "TYPE_FP32", [4], None)]
+    assert tensors(config.output) == [
+        ("scores__0", "TYPE_FP32", [2], None),
+        ("total__1", "TYPE_FP32", [1], []),
+    ]
+    assert Repository("s3://b/m-triton-scorer", indexed=True).model_format == "pytorch"
+
+
+def test_the_transformer_speaks_to_a_predictor_that_takes_tensors_by_position(tmp_path):
+    import asyncio
+
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    from serving.examples import fraud_transformer
+    from serving.runtime import OnnxRuntime
+    from serving.transformer_model import TransformerModel
+
+    bundle = read_bundle(save_mlp(tmp_path / "fraud", seed=3, transformer=fraud_transformer()))
+    rows = {"instances": [{"amount": 42.0, "age_days": 10, "country": "US"}]}
+    answers = {}
+    for indexed in (False, True):
+        model = TransformerModel("fraud", "5", bundle, indexed_tensors=indexed)
+        headers: dict[str, str] = {}
+        request = asyncio.run(model.preprocess(rows, headers))
+        names = [t.name for t in request.inputs]
+        assert names == (["input__0"] if indexed else ["input"])
+        computed = OnnxRuntime(bundle.model_file).run({"input": request.inputs[0].as_numpy()})
+        response = InferResponse(
+            response_id="r",
+            model_name="fraud",
+            infer_outputs=[
+                InferOutput(f"{name}__{i}" if indexed else name, list(array.shape), "FP32", array.tolist())
+                for i, (name, array) in enumerate(computed.items())
+            ],
+        )
+        answers[indexed] = asyncio.run(model.postprocess(response, headers))
+    assert answers[True] == answers[False] and answers[True]["predictions"][0]["label"] in ("legit", "fraud")
