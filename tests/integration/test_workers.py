@@ -165,8 +165,13 @@ def test_a_worker_that_dies_is_replaced_and_takes_the_routing_it_missed(server, 
     admin.load("revived", "2", models["2"])
     follower = worker_process(server, 1)
     follower.kill()
-    changed = admin.traffic("revived", 100)  # while it is down, or already starting again
-    assert changed["workers"]["updated"][0] == 0 and changed["canary_percent"] == 100
+    follower.wait(10)  # its connections are reset and its socket closed: new ones go to the others
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    changed = httpx.put(  # a new connection (a kept-alive one to the dead worker is reset)
+        f"{server.url}/admin/v1/models/revived/traffic", json={"canary_percent": 100}, headers=auth
+    )
+    assert changed.status_code == 200, changed.text  # while it is down, or already starting again
+    assert changed.json()["workers"]["updated"][0] == 0 and changed.json()["canary_percent"] == 100
     deadline = time.monotonic() + 60
     while worker_pid(server, 1) in (None, follower.pid) or not ready(server):
         assert time.monotonic() < deadline, "worker 1 did not come back"
