@@ -7,7 +7,6 @@ scores. Same spec, same decoder as the model server, where the mapping runs in-p
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import kserve
@@ -18,12 +17,11 @@ from common.errors import ModelNotReady
 from serving.bundle import Bundle
 from serving.model import kserve_errors
 from serving.signature import RequestDecoder, v2_outputs
-from serving.targets.triton import indexed
+from serving.targets.triton import indexed, unindexed
 
 # How postprocess knows which protocol the request came in: kserve hands the same headers dict
 # to preprocess and postprocess of one request.
 _PROTOCOL_HEADER = "x-mlops-protocol"
-_INDEX = re.compile(r"__\d+$")  # a positional tensor name's index (see serving/targets/triton.py)
 
 
 class TransformerModel(kserve.Model):
@@ -80,10 +78,7 @@ class TransformerModel(kserve.Model):
     ) -> Any:
         response = result if isinstance(result, InferResponse) else InferResponse.from_rest(result)
         named = self.transformer.decode(
-            {
-                _INDEX.sub("", o.name) if self.indexed_tensors else o.name: o.as_numpy()
-                for o in response.outputs
-            }
+            {unindexed(o.name) if self.indexed_tensors else o.name: o.as_numpy() for o in response.outputs}
         )
         if (headers or {}).get(_PROTOCOL_HEADER, "v1") == "v1":
             return {"predictions": self.transformer.v1_predictions(named)}

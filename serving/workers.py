@@ -83,6 +83,12 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def ready_mark(run_dir: Path, index: int) -> Path:
+    """The file a worker writes once it listens with the routing (the supervisor removes it when
+    the worker is gone): the server is ready when every worker's is there."""
+    return run_dir / f"ready-{index}"
+
+
 # --- the worker side ----------------------------------------------------------------------------
 
 
@@ -108,7 +114,7 @@ class Cluster:
         return self.run_dir / f"worker-{index}.sock"
 
     def ready_mark(self, index: int) -> Path:
-        return self.run_dir / f"ready-{index}"
+        return ready_mark(self.run_dir, index)
 
     # readiness and metrics, for the HTTP front
 
@@ -324,7 +330,7 @@ def supervise(settings: Settings) -> int:
         while not stopping and not failed:
             time.sleep(0.2)
             for index, process in list(workers.items()):
-                was_ready[index] = was_ready[index] or (run_dir / f"ready-{index}").exists()
+                was_ready[index] = was_ready[index] or ready_mark(run_dir, index).exists()
                 if process.poll() is None:
                     continue
                 _forget(run_dir, index, process.pid)
@@ -355,7 +361,7 @@ def supervise(settings: Settings) -> int:
 
 def _forget(run_dir: Path, index: int, pid: int) -> None:
     """A worker gone: not ready any more, and its live gauges no longer counted."""
-    (run_dir / f"ready-{index}").unlink(missing_ok=True)
+    ready_mark(run_dir, index).unlink(missing_ok=True)
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid, str(run_dir / "metrics"))

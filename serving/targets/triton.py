@@ -20,6 +20,7 @@ program (pt2) cannot go: libtorch loads TorchScript only.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 TRITON_RUNTIME = "kserve-tritonserver"
 _LIBTORCH = 'platform: "pytorch_libtorch"'
 _VERSION_FOLDER = "1"  # Triton's version policy serves the newest folder: the repository holds one
-# ONNX element types (onnx.TensorProto) as Triton's data types.
-_NUMPY_TYPES = {
+# Triton's data types, by numpy dtype (kind and size, as ``dtype.str`` has them after the byte
+# order): TorchScript's answers come as arrays, ONNX's element types through their numpy dtype.
+_TRITON_TYPES = {
     "f4": "TYPE_FP32",
     "f8": "TYPE_FP64",
     "f2": "TYPE_FP16",
@@ -45,19 +47,9 @@ _NUMPY_TYPES = {
     "i1": "TYPE_INT8",
     "u1": "TYPE_UINT8",
     "b1": "TYPE_BOOL",
+    "O": "TYPE_STRING",
 }
-_TYPES = {
-    1: "TYPE_FP32",
-    2: "TYPE_UINT8",
-    3: "TYPE_INT8",
-    5: "TYPE_INT16",
-    6: "TYPE_INT32",
-    7: "TYPE_INT64",
-    8: "TYPE_STRING",
-    9: "TYPE_BOOL",
-    10: "TYPE_FP16",
-    11: "TYPE_FP64",
-}
+_POSITION = re.compile(r"__\d+$")  # a positional tensor name's index
 
 
 def repository_uri(uri: str, model: str) -> str:
@@ -83,13 +75,17 @@ def model_config(model: str, onnx_file: Path, max_batch_size: int) -> str:
     ):
         for tensor in tensors:
             kind = tensor.type.tensor_type
-            if kind.elem_type not in _TYPES:
+            try:
+                triton = _triton_type(onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type))
+            except KeyError:  # an element type numpy has no dtype for
+                triton = None
+            if triton is None:
                 raise InvalidInput(
                     f"model '{model}': tensor '{tensor.name}' has ONNX element type {kind.elem_type}, which this"
                     " Triton config does not map; serve it with runtime mlops"
                 )
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
-            found[section].append((tensor.name, _TYPES[kind.elem_type], dims))
+            found[section].append((tensor.name, triton, dims))
     batched = all(dims and dims[0] == -1 for _, _, dims in found["input"] + found["output"])
     if batched:
         found = {section: [(n, t, dims[1:]) for n, t, dims in tensors] for section, tensors in found.items()}
@@ -108,7 +104,7 @@ def torchscript_config(model: str, bundle: Bundle, max_batch_size: int) -> str:
     feeds, answers = version.tensors()
     found = {
         section: [
-            (indexed(name, index), _numpy_type(model, name, array), list(array.shape[1:]))
+            (indexed(name, index), _array_type(model, name, array), list(array.shape[1:]))
             for index, (name, array) in enumerate(arrays.items())
         ]
         for section, arrays in (("input", feeds), ("output", answers))
@@ -121,8 +117,17 @@ def indexed(name: str, index: int) -> str:
     return f"{name}__{index}"
 
 
-def _numpy_type(model: str, name: str, array: Any) -> str:
-    triton = _NUMPY_TYPES.get(array.dtype.str.lstrip("<>=|"))
+def unindexed(name: str) -> str:
+    """A positional tensor name (``indexed``) without its index: the tensor's own name."""
+    return _POSITION.sub("", name)
+
+
+def _triton_type(dtype: Any) -> str | None:
+    return _TRITON_TYPES.get(dtype.str.lstrip("<>=|"))
+
+
+def _array_type(model: str, name: str, array: Any) -> str:
+    triton = _triton_type(array.dtype)
     if triton is None:
         raise InvalidInput(
             f"model '{model}': tensor '{name}' is {array.dtype}, which this Triton config does not map;"
